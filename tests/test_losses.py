@@ -317,3 +317,38 @@ def test_cwd_loss_matches_its_definition():
 
 def test_losses_dict_names_the_losses():
     assert LOSSES == {"pkd": pkd_loss, "mse": mse_feature_loss, "cwd": cwd_loss}
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Forces the chunked passes (used for large levels) on test-sized tensors."""
+    import pkd.losses
+
+    monkeypatch.setattr(pkd.losses, "_CHUNK_ELEMENTS", 64)
+
+
+@pytest.mark.parametrize("shapes", FPN_LIKE)
+def test_chunked_path_matches_reference(small_chunks, shapes):
+    test_matches_reference_float32(shapes)
+
+
+@pytest.mark.parametrize("ratio", [1, 1000])
+def test_chunked_path_is_stable(small_chunks, ratio):
+    test_stable_when_means_dwarf_stds(ratio, 0.99)
+
+
+def test_chunked_path_half_precision_and_gradcheck(small_chunks):
+    test_half_precision_statistics_in_float32(torch.float16)
+    test_gradcheck_float64((3, 4, 5, 9))
+    test_constant_student_channel_is_finite_and_documented()
+
+
+@pytest.mark.slow
+def test_compiled_path_matches_eager():
+    """torch.compile kernels (needs a C++ toolchain; compiling takes a while on CPU)."""
+    generator = torch.Generator().manual_seed(12)
+    s, t = correlated_pair((2, 8, 12, 10), 0.9, dtype=torch.float32, generator=generator, offset=500.0)
+    value, (grad,) = grad_of(pkd_loss, [s], [t])
+    compiled, (compiled_grad,) = grad_of(lambda a, b: pkd_loss(a, b, compiled=True), [s], [t])
+    assert torch.allclose(compiled, value, rtol=1e-5)
+    assert torch.allclose(compiled_grad, grad, atol=2e-6 * grad.abs().max())

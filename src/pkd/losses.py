@@ -121,24 +121,12 @@ def _row_chunks(rows: int, row_length: int):
         yield slice(start, min(start + step, rows))
 
 
-def _channel_moments(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Per-channel means and centred second moments of a level pair, in one pass over the data.
-
-    Each ``(n, c)`` row of ``H*W`` values is centred on its own mean (the subtraction is exact in
-    floating point when the values are close to that mean, Sterbenz's lemma), its residual mean
-    and centred sums are taken, and the rows of one channel are merged exactly with the
-    parallel-variance formula of Chan, Golub and LeVeque. This is the ``(0, 2, 3)`` reduction of
-    the reference without its permuted copy, and it stays accurate when a channel's mean is
-    thousands of times its standard deviation, where raw sums of squares lose every digit.
-
-    Args:
-        student: ``(N, C, H, W)``.
-        teacher: ``(N, C, H, W)``.
+def _row_moment_sums(student: Tensor, teacher: Tensor) -> Tensor:
+    """Raw moments of each ``(n, c)`` row of ``H*W`` values, in cache-sized chunks (eager path).
 
     Returns:
-        ``mean_s, mean_t, sum_ss, sum_tt, sum_st``, each ``(C,)`` float64:
-        the channel means and ``sum((s - mean_s)**2)``, ``sum((t - mean_t)**2)``,
-        ``sum((s - mean_s) * (t - mean_t))`` over the ``m = N*H*W`` values of each channel.
+        ``(7, N*C)``: per row, the rounded means of s and t, the residual means of s and t
+        after subtracting those, and the sums of squares and products of the centred values.
     """
     batch, channels, height, width = student.shape
     hw = height * width
@@ -146,47 +134,116 @@ def _channel_moments(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor, 
     dtype = _work_dtype(student)
     s_rows = student.reshape(rows, hw)
     t_rows = teacher.reshape(rows, hw)
-    # Per row: rounded mean of s and t, residual mean of s and t, sum_ss, sum_tt, sum_st.
     stats = torch.empty(7, rows, dtype=dtype, device=student.device)
     for chunk in _row_chunks(rows, hw):
         s = s_rows[chunk].to(dtype)
         t = t_rows[chunk].to(dtype)
-        s_mean = s.mean(1, keepdim=True)
-        t_mean = t.mean(1, keepdim=True)
-        s = s - s_mean
-        t = t - t_mean
-        stats[0, chunk] = s_mean[:, 0]
-        stats[1, chunk] = t_mean[:, 0]
-        stats[2, chunk] = s.mean(1)
-        stats[3, chunk] = t.mean(1)
-        stats[4, chunk] = torch.linalg.vecdot(s, s)
-        stats[5, chunk] = torch.linalg.vecdot(t, t)
-        stats[6, chunk] = torch.linalg.vecdot(s, t)
-    stats = stats.double().view(7, batch, channels)
-    s_row_mean = stats[0] + stats[2]
-    t_row_mean = stats[1] + stats[3]
-    # Sums centred on the exact row mean: sum((x - d)^2) = sum(x^2) - hw * d^2 for residual mean d.
-    ss_rows = stats[4] - hw * stats[2] ** 2
-    tt_rows = stats[5] - hw * stats[3] ** 2
-    st_rows = stats[6] - hw * stats[2] * stats[3]
-    mean_s = s_row_mean.mean(0)
-    mean_t = t_row_mean.mean(0)
-    ds = s_row_mean - mean_s
-    dt = t_row_mean - mean_t
-    sum_ss = ss_rows.sum(0) + hw * (ds * ds).sum(0)
-    sum_tt = tt_rows.sum(0) + hw * (dt * dt).sum(0)
-    sum_st = st_rows.sum(0) + hw * (ds * dt).sum(0)
-    return mean_s, mean_t, sum_ss.clamp_min(0), sum_tt.clamp_min(0), sum_st
+        torch.mean(s, 1, out=stats[0, chunk])
+        torch.mean(t, 1, out=stats[1, chunk])
+        s = s - stats[0, chunk, None]
+        t = t - stats[1, chunk, None]
+        torch.mean(s, 1, out=stats[2, chunk])
+        torch.mean(t, 1, out=stats[3, chunk])
+        torch.linalg.vecdot(s, s, out=stats[4, chunk])
+        torch.linalg.vecdot(t, t, out=stats[5, chunk])
+        torch.linalg.vecdot(s, t, out=stats[6, chunk])
+    return stats
+
+
+def _channel_moment_sums(student: Tensor, teacher: Tensor) -> Tensor:
+    """The same moments as :func:`_row_moment_sums` per channel over ``(0, 2, 3)``: ``(7, C)``.
+
+    Written as whole-tensor reductions for ``torch.compile``, which fuses them into two passes.
+    """
+    dtype = _work_dtype(student)
+    s = student.to(dtype)
+    t = teacher.to(dtype)
+    s_mean = s.mean((0, 2, 3), keepdim=True)
+    t_mean = t.mean((0, 2, 3), keepdim=True)
+    s = s - s_mean
+    t = t - t_mean
+    dims = (0, 2, 3)
+    return torch.stack(
+        [
+            s_mean.flatten(),
+            t_mean.flatten(),
+            s.mean(dims),
+            t.mean(dims),
+            (s * s).sum(dims),
+            (t * t).sum(dims),
+            (s * t).sum(dims),
+        ]
+    )
+
+
+def _channel_gradient(student, teacher, mean_s_hi, mean_t_hi, alpha, beta, constant) -> Tensor:
+    """``alpha*(s - mean_s_hi) - beta*(t - mean_t_hi) + constant`` with ``(C,)`` coefficients."""
+    dtype = _work_dtype(student)
+    shape = (1, -1, 1, 1)
+    s = student.to(dtype) - mean_s_hi.view(shape)
+    t = teacher.to(dtype) - mean_t_hi.view(shape)
+    return (s * alpha.view(shape) - t * beta.view(shape) + constant.view(shape)).to(student.dtype)
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled(fn: Callable) -> Callable:
+    if fn.__name__ not in _COMPILED:
+        # Shapes are specialised: each new feature-map shape compiles once (tens of seconds on CPU).
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn.__name__]
+
+
+def _channel_moments(student: Tensor, teacher: Tensor, compiled: bool = False) -> tuple[Tensor, ...]:
+    """Per-channel means and centred second moments of a level pair.
+
+    Each row (an ``(n, c)`` map in the eager path, a whole channel in the compiled one) is
+    centred on its own rounded mean, which makes the subtraction exact in floating point when
+    the values are close to that mean (Sterbenz's lemma); the residual mean and the centred sums
+    are then taken, and the rows of a channel are merged exactly with the parallel-variance
+    formula of Chan, Golub and LeVeque. This is the reference's ``(0, 2, 3)`` reduction without
+    its permuted copy, and it stays accurate when a channel's mean is thousands of times its
+    standard deviation, where raw sums of squares lose every digit.
+
+    Args:
+        student: ``(N, C, H, W)``.
+        teacher: ``(N, C, H, W)``.
+        compiled: use the ``torch.compile`` kernel instead of the chunked eager loop.
+
+    Returns:
+        ``mean_s, mean_t, sum_ss, sum_tt, sum_st``, each ``(C,)`` float64:
+        the channel means and ``sum((s - mean_s)**2)``, ``sum((t - mean_t)**2)``,
+        ``sum((s - mean_s) * (t - mean_t))`` over the ``m = N*H*W`` values of each channel.
+    """
+    batch, channels, height, width = student.shape
+    if compiled:
+        stats, groups, count = _compiled(_channel_moment_sums)(student, teacher), 1, batch * height * width
+    elif student.numel() <= _CHUNK_ELEMENTS:
+        # Small levels: whole-tensor reductions, fewer operations and cache-sized temporaries anyway.
+        stats, groups, count = _channel_moment_sums(student, teacher), 1, batch * height * width
+    else:
+        stats, groups, count = _row_moment_sums(student, teacher), batch, height * width
+    stats = stats.double().view(7, groups, channels)
+    row_means = stats[0:2] + stats[2:4]  # (2, groups, C): exact row means of s and t
+    residuals = stats[2:4]
+    first, second = [0, 1, 0], [0, 1, 1]  # (s, s), (t, t), (s, t) for ss, tt, st
+    # Sums centred on the exact row mean: sum((x - d)(y - e)) = sum(x y) - count * d * e.
+    row_sums = stats[4:7] - count * residuals[first] * residuals[second]
+    means = row_means.mean(1)
+    offsets = row_means - means[:, None]
+    sums = row_sums.sum(1) + count * (offsets[first] * offsets[second]).sum(1)
+    return means[0], means[1], sums[0].clamp_min(0), sums[1].clamp_min(0), sums[2]
 
 
 class _PKDLevel(torch.autograd.Function):
     """PKD loss of one level with an analytic backward (gradient for the student only)."""
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, eps: float) -> Tensor:
+    def forward(ctx, student: Tensor, teacher: Tensor, eps: float, compiled: bool) -> Tensor:
         batch, channels, height, width = student.shape
         m = batch * height * width
-        mean_s, mean_t, sum_ss, sum_tt, sum_st = _channel_moments(student, teacher)
+        mean_s, mean_t, sum_ss, sum_tt, sum_st = _channel_moments(student, teacher, compiled)
         # Unbiased std as in the reference; with one value per channel (m == 1) it is undefined
         # and taken as 0, which makes both normalised maps 0 and the level's loss 0.
         std_s = (sum_ss / max(m - 1, 1)).sqrt()
@@ -208,15 +265,14 @@ class _PKDLevel(torch.autograd.Function):
         coef_s = torch.where(live, coef_s, 0.0)
         coef_t = torch.where(live, coef_t, 0.0)
         ctx.save_for_backward(student, teacher, mean_s, mean_t, coef_s, coef_t)
+        ctx.compiled = compiled
         return loss.to(_work_dtype(student))
 
     @staticmethod
-    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None, None]:
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None, None, None]:
         student, teacher, mean_s, mean_t, coef_s, coef_t = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None
-        batch, channels, height, width = student.shape
-        hw = height * width
+            return None, None, None, None
         dtype = _work_dtype(student)
         scale = grad_output.double()
         alpha = coef_s * scale
@@ -228,26 +284,47 @@ class _PKDLevel(torch.autograd.Function):
         mean_s_hi = mean_s.to(dtype)
         mean_t_hi = mean_t.to(dtype)
         constant = beta * (mean_t - mean_t_hi.double()) - alpha * (mean_s - mean_s_hi.double())
-        per_row = lambda x: x.to(dtype).repeat(batch)[:, None]  # noqa: E731
-        alpha, beta, constant, mean_s_hi, mean_t_hi = map(per_row, (alpha, beta, constant, mean_s_hi, mean_t_hi))
-
-        grad = torch.empty_like(student, memory_format=torch.contiguous_format)
-        g_rows = grad.view(batch * channels, hw)
-        s_rows = student.reshape(batch * channels, hw)
-        t_rows = teacher.reshape(batch * channels, hw)
-        direct = grad.dtype == dtype
-        for chunk in _row_chunks(batch * channels, hw):
-            g = g_rows[chunk] if direct else torch.empty(g_rows[chunk].shape, dtype=dtype, device=grad.device)
-            torch.sub(s_rows[chunk].to(dtype), mean_s_hi[chunk], out=g)
-            g.mul_(alpha[chunk])
-            g.addcmul_(t_rows[chunk].to(dtype) - mean_t_hi[chunk], beta[chunk], value=-1.0)
-            g.add_(constant[chunk])
-            if not direct:
-                g_rows[chunk] = g
-        return grad, None, None
+        coefficients = torch.stack([mean_s_hi.double(), mean_t_hi.double(), alpha, beta, constant]).to(dtype)
+        if ctx.compiled:
+            grad = _compiled(_channel_gradient)(student, teacher, *coefficients)
+        elif student.numel() <= _CHUNK_ELEMENTS:
+            grad = _channel_gradient(student, teacher, *coefficients)
+        else:
+            grad = _chunked_gradient(student, teacher, coefficients)
+        return grad, None, None, None
 
 
-def pkd_loss(student: Features, teacher: Features, *, eps: float = 1e-6, resize: Resize = "student") -> Tensor:
+def _chunked_gradient(student: Tensor, teacher: Tensor, coefficients: Tensor) -> Tensor:
+    """:func:`_channel_gradient` in cache-sized chunks of rows, writing straight into the result.
+
+    Args:
+        student: ``(N, C, H, W)``.
+        teacher: ``(N, C, H, W)``.
+        coefficients: ``(5, C)``: ``mean_s_hi, mean_t_hi, alpha, beta, constant``.
+    """
+    batch, channels, height, width = student.shape
+    rows, hw = batch * channels, height * width
+    dtype = _work_dtype(student)
+    mean_s_hi, mean_t_hi, alpha, beta, constant = coefficients.repeat(1, batch)[:, :, None]
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format)
+    g_rows = grad.view(rows, hw)
+    s_rows = student.reshape(rows, hw)
+    t_rows = teacher.reshape(rows, hw)
+    direct = grad.dtype == dtype
+    for chunk in _row_chunks(rows, hw):
+        g = g_rows[chunk] if direct else torch.empty(g_rows[chunk].shape, dtype=dtype, device=grad.device)
+        torch.sub(s_rows[chunk].to(dtype), mean_s_hi[chunk], out=g)
+        g.mul_(alpha[chunk])
+        g.addcmul_(t_rows[chunk].to(dtype) - mean_t_hi[chunk], beta[chunk], value=-1.0)
+        g.add_(constant[chunk])
+        if not direct:
+            g_rows[chunk] = g
+    return grad
+
+
+def pkd_loss(
+    student: Features, teacher: Features, *, eps: float = 1e-6, resize: Resize = "student", compiled: bool = False
+) -> Tensor:
     """PKD loss: half the MSE between per-channel standardised student and teacher features.
 
     For each level and channel ``c``, over the ``m = N*H*W`` values of the mini-batch,
@@ -284,6 +361,9 @@ def pkd_loss(student: Features, teacher: Features, *, eps: float = 1e-6, resize:
         resize: when a pair's spatial sizes differ, bilinearly resize the ``"student"`` map to
             the teacher's size (the reference) or the ``"teacher"`` map to the student's;
             ``None`` makes a size mismatch an error.
+        compiled: run the statistics and the gradient as ``torch.compile`` kernels, specialised
+            to each feature shape (the first call per shape compiles for tens of seconds; worth
+            it for long runs with fixed input sizes and a working compiler toolchain).
 
     Returns:
         A scalar tensor: the sum over levels of each level's loss.
@@ -300,7 +380,9 @@ def pkd_loss(student: Features, teacher: Features, *, eps: float = 1e-6, resize:
     """
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return _sum_over_levels(lambda s, t: _PKDLevel.apply(s, t.detach(), float(eps)), student, teacher, resize)
+    return _sum_over_levels(
+        lambda s, t: _PKDLevel.apply(s, t.detach(), float(eps), bool(compiled)), student, teacher, resize
+    )
 
 
 def mse_feature_loss(student: Features, teacher: Features, *, resize: Resize = "student") -> Tensor:
@@ -355,6 +437,7 @@ class PKDLoss(nn.Module):
         weight: multiplies the loss (the reference's ``loss_weight``, alpha in the paper).
         eps: see :func:`pkd_loss`.
         resize: see :func:`pkd_loss`.
+        compiled: see :func:`pkd_loss`.
 
     Example:
         >>> criterion = PKDLoss(weight=6.0)
@@ -363,19 +446,23 @@ class PKDLoss(nn.Module):
         torch.Size([])
     """
 
-    def __init__(self, weight: float = 1.0, *, eps: float = 1e-6, resize: Resize = "student") -> None:
+    def __init__(
+        self, weight: float = 1.0, *, eps: float = 1e-6, resize: Resize = "student", compiled: bool = False
+    ) -> None:
         super().__init__()
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
         self.weight = float(weight)
         self.eps = float(eps)
         self.resize = resize
+        self.compiled = compiled
 
     def forward(self, student: Features, teacher: Features) -> Tensor:
-        return self.weight * pkd_loss(student, teacher, eps=self.eps, resize=self.resize)
+        loss = pkd_loss(student, teacher, eps=self.eps, resize=self.resize, compiled=self.compiled)
+        return self.weight * loss
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, eps={self.eps}, resize={self.resize!r}"
+        return f"weight={self.weight}, eps={self.eps}, resize={self.resize!r}, compiled={self.compiled}"
 
 
 #: The feature losses by the names configs use.
