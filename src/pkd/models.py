@@ -1,0 +1,376 @@
+"""Detector builders on torchvision: any of its FPN detectors, on another backbone or FPN width.
+
+``build_detector("retinanet_resnet50_fpn", num_classes=81)`` is torchvision's own builder;
+``build_detector("retinanet_resnet18_fpn", num_classes=11, fpn_channels=128)`` is the same
+detector on a ResNet-18 with a narrower FPN, assembled from torchvision's parts exactly the way
+its builder assembles the ResNet-50 one, so a small student and a large teacher can be built
+on a CPU. Names follow torchvision's ``<family>_<backbone>_fpn[_v2]`` pattern; the
+``backbone=`` argument overrides the one in the name.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+
+__all__ = [
+    "BACKBONES",
+    "FAMILIES",
+    "build_detector",
+    "count_parameters",
+    "detector_names",
+    "is_two_stage",
+    "parse_detector_name",
+]
+
+#: Detector families: two-stage (region proposals, then RoI heads) or one-stage (dense heads).
+FAMILIES = {"fasterrcnn": "two-stage", "maskrcnn": "two-stage", "retinanet": "one-stage", "fcos": "one-stage"}
+#: ResNet-style backbones any family can use (torchvision classification models).
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2")
+#: Backbones by name; MobileNetV3 is available for Faster R-CNN through torchvision's own builder.
+BACKBONES = (*RESNETS, "mobilenet_v3_large")
+NORMS = ("auto", "batch", "frozen", "group")
+
+_NAME = re.compile(r"^(?P<family>[a-z]+)_(?P<backbone>.+)_fpn(?P<v2>_v2)?$")
+
+
+def detector_names() -> list[str]:
+    """Every detector name :func:`build_detector` accepts."""
+    names = [f"{family}_{backbone}_fpn{v2}" for family in FAMILIES for backbone in RESNETS for v2 in ("", "_v2")]
+    return sorted({*names, "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"})
+
+
+def parse_detector_name(name: str) -> tuple[str, str, bool]:
+    """Splits ``"retinanet_resnet18_fpn_v2"`` into ``("retinanet", "resnet18", True)``.
+
+    Raises:
+        ValueError: the name is not one of :func:`detector_names`, with the list.
+    """
+    match = _NAME.match(name)
+    if match is None or name not in detector_names():
+        raise ValueError(
+            f"unknown detector {name!r}; known detectors: {', '.join(detector_names())} "
+            f"(<family>_<backbone>_fpn[_v2] with family in {list(FAMILIES)} and backbone in {list(BACKBONES)})"
+        )
+    backbone = match["backbone"]
+    if backbone == "mobilenet_v3_large_320":
+        backbone = "mobilenet_v3_large"
+    return match["family"], backbone, match["v2"] is not None
+
+
+def is_two_stage(model: nn.Module) -> bool:
+    """Whether ``model`` is a two-stage detector (torchvision's Faster / Mask R-CNN)."""
+    return isinstance(model, GeneralizedRCNN)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _norm_layer(norm: str) -> Callable[..., nn.Module]:
+    if norm == "frozen":
+        return FrozenBatchNorm2d
+    if norm == "group":
+        return lambda channels: nn.GroupNorm(32, channels)
+    return nn.BatchNorm2d
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, Path) or (isinstance(value, str) and (Path(value).suffix in {".pt", ".pth"}))
+
+
+def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a pkd checkpoint or export, a ``{"model": ...}`` dict, or a plain state_dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise ValueError(
+            f"cannot read weights from {str(path)!r}: it is truncated or not a torch file ({error})"
+        ) from error
+    if isinstance(obj, dict) and obj.get("format") == "pkd":
+        obj = obj.get("model", obj.get("state_dict"))
+    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{str(path)!r} holds no state_dict (a dict of tensors, or a pkd checkpoint)")
+    return obj
+
+
+def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, ignore=()) -> None:
+    """``load_state_dict(strict=True)`` with an error that says what does not fit (keys under ``ignore`` skipped)."""
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(ignore))}
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(tuple(ignore))}
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        details = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                details.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise ValueError(
+            f"weights in {source} do not fit this model: {'; '.join(details)}. Build the detector with the "
+            "name, backbone, num_classes, fpn_channels and norm the weights were trained with."
+        )
+    model.load_state_dict(state_dict, strict=not ignore)
+
+
+def _detect_norm(state_dict: dict[str, torch.Tensor]) -> str:
+    """Trainable BatchNorm keeps ``num_batches_tracked``; FrozenBatchNorm2d has none."""
+    backbone_keys = [k for k in state_dict if ".body." in k or not k.startswith(("backbone.", "fpn."))]
+    if any(k.endswith("num_batches_tracked") for k in backbone_keys):
+        return "batch"
+    if any(k.endswith("running_var") for k in backbone_keys):
+        return "frozen"
+    return "group"
+
+
+def _resnet_body(
+    backbone: str, weights_backbone: str | Path | None, norm: str, trainable_layers: int
+) -> tuple[nn.Module, list[int]]:
+    """A torchvision ResNet with its first layers frozen, and the channel counts of layer1..4."""
+    local = _is_path(weights_backbone)
+    body = torchvision.models.get_model(
+        backbone, weights=None if local else weights_backbone, norm_layer=_norm_layer(norm)
+    )
+    if local:
+        _load_strict(body, _read_state_dict(weights_backbone), str(weights_backbone), ignore=("fc.",))
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_layers}")
+    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        trainable.append("bn1")
+    for name, parameter in body.named_parameters():
+        if not name.startswith(tuple(trainable)):
+            parameter.requires_grad_(False)
+    # The last conv of each layer says how many channels the layer returns (64.. for BasicBlock,
+    # 256.. for Bottleneck), whatever the ResNet variant.
+    channels = []
+    for index in range(1, 5):
+        block = getattr(body, f"layer{index}")[-1]
+        channels.append((block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels)
+    return body, channels
+
+
+def _assemble(
+    family: str,
+    backbone: str,
+    v2: bool,
+    *,
+    num_classes: int,
+    weights_backbone: str | Path | None,
+    norm: str,
+    fpn_channels: int,
+    trainable_layers: int,
+    **kwargs: Any,
+) -> nn.Module:
+    """Builds a detector from torchvision's parts, as its ``*_resnet50_fpn[_v2]`` builder does."""
+    body, channels = _resnet_body(backbone, weights_backbone, norm, trainable_layers)
+    two_stage = FAMILIES[family] == "two-stage"
+    returned = [1, 2, 3, 4] if two_stage else [2, 3, 4]
+    if two_stage:
+        extra = LastLevelMaxPool()
+    elif family == "retinanet" and v2:
+        extra = LastLevelP6P7(channels[3], fpn_channels)  # P6 from C5, as retinanet v2
+    else:
+        extra = LastLevelP6P7(fpn_channels, fpn_channels)  # P6 from P5
+    # The v2 two-stage models put BatchNorm in the FPN; v1 and the one-stage models have none.
+    fpn_norm = nn.BatchNorm2d if (v2 and two_stage) else None
+    fpn_backbone = BackboneWithFPN(
+        body,
+        return_layers={f"layer{k}": str(i) for i, k in enumerate(returned)},
+        in_channels_list=[channels[k - 1] for k in returned],
+        out_channels=fpn_channels,
+        extra_blocks=extra,
+        norm_layer=fpn_norm,
+    )
+    group_norm = partial(nn.GroupNorm, 32)
+    if (family == "fcos" or (family == "retinanet" and v2)) and fpn_channels % 32:
+        raise ValueError(f"{family} heads use GroupNorm(32): fpn_channels must be a multiple of 32, got {fpn_channels}")
+    if family == "retinanet":
+        if v2:
+            anchors = AnchorGenerator(
+                tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in [32, 64, 128, 256, 512]),
+                ((0.5, 1.0, 2.0),) * 5,
+            )
+            head = RetinaNetHead(
+                fpn_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=group_norm
+            )
+            head.regression_head._loss_type = "giou"
+            return RetinaNet(fpn_backbone, num_classes, anchor_generator=anchors, head=head, **kwargs)
+        return RetinaNet(fpn_backbone, num_classes, **kwargs)
+    if family == "fcos":
+        if v2:
+            raise ValueError("torchvision has no FCOS v2; use fcos_<backbone>_fpn")
+        return FCOS(fpn_backbone, num_classes, **kwargs)
+    detector = MaskRCNN if family == "maskrcnn" else FasterRCNN
+    if v2:
+        anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+        kwargs.setdefault("rpn_anchor_generator", anchors)
+        kwargs.setdefault("rpn_head", RPNHead(fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=2))
+        kwargs.setdefault(
+            "box_head",
+            FastRCNNConvFCHead((fpn_channels, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d),
+        )
+        if family == "maskrcnn":
+            kwargs.setdefault(
+                "mask_head", MaskRCNNHeads(fpn_channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d)
+            )
+    return detector(fpn_backbone, num_classes, **kwargs)
+
+
+def build_detector(
+    name: str,
+    *,
+    num_classes: int,
+    backbone: str | None = None,
+    weights: str | Path | None = None,
+    weights_backbone: str | Path | None = None,
+    min_size: int | tuple[int, ...] = 800,
+    max_size: int = 1333,
+    fpn_channels: int = 256,
+    norm: str = "auto",
+    trainable_backbone_layers: int | None = None,
+    skip_resize: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
+    """Builds a torchvision detector, randomly initialised or with weights, never downloading unasked.
+
+    Args:
+        name: ``<family>_<backbone>_fpn[_v2]``, e.g. ``"fasterrcnn_resnet50_fpn_v2"`` (torchvision's
+            own builder) or ``"fcos_resnet18_fpn"`` (same architecture on ResNet-18); see
+            :func:`detector_names`.
+        num_classes: number of classes including the background (torchvision convention).
+        backbone: overrides the backbone in ``name`` (one of :data:`BACKBONES`).
+        weights: torchvision weights for the whole detector (e.g. ``"DEFAULT"`` or
+            ``"RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1"``; downloads unless cached, only for
+            torchvision's own networks), or the path of a local ``.pt``/``.pth`` file: a pkd
+            checkpoint or export, or a plain ``state_dict``.
+        weights_backbone: torchvision weights for the backbone (e.g. ``"IMAGENET1K_V1"``), or
+            a local state_dict of the classification network (its ``fc`` is ignored).
+        min_size: shorter image side at evaluation (and in training, unless ``skip_resize``); a
+            tuple picks one at random per training batch, as torchvision does.
+        max_size: longer side limit.
+        fpn_channels: FPN width (256 in torchvision; smaller for CPU-sized models).
+        norm: backbone normalisation. ``"auto"`` follows the weights: torchvision's
+            FrozenBatchNorm2d with torchvision pretrained weights (as its builders do), trainable
+            BatchNorm from random init (frozen statistics do not train from scratch) or the norm
+            found in a local weights file. ``"batch"``, ``"frozen"`` or ``"group"`` (GroupNorm(32))
+            force one.
+        trainable_backbone_layers: ResNet stages left trainable (0-5); default 5 from random
+            init, 3 with pretrained weights, as torchvision.
+        skip_resize: in training, leave images at the size the data pipeline made them (for
+            multi-scale training in the data transforms, torchvision's ``_skip_resize``).
+        **kwargs: passed to the torchvision detector class (e.g. ``score_thresh``,
+            ``detections_per_img``, ``image_mean``).
+
+    Returns:
+        The detector (``nn.Module``) in training mode.
+
+    Raises:
+        ValueError: unknown name, backbone or norm, or weights that do not fit.
+
+    Example:
+        >>> model = build_detector("fcos_resnet18_fpn", num_classes=3, min_size=64, max_size=64, fpn_channels=64)
+        >>> type(model).__name__, model.backbone.out_channels
+        ('FCOS', 64)
+    """
+    family, name_backbone, v2 = parse_detector_name(name)
+    backbone = backbone or name_backbone
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; known backbones: {', '.join(BACKBONES)}")
+    if norm not in NORMS:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
+    local_weights = _is_path(weights)
+    state_dict = _read_state_dict(weights) if local_weights else None
+    pretrained = (weights is not None and not local_weights) or (
+        weights_backbone is not None and not _is_path(weights_backbone)
+    )
+    if norm == "auto":
+        norm = _detect_norm(state_dict) if state_dict is not None else ("frozen" if pretrained else "batch")
+    # All stages train from random init; torchvision leaves the first two frozen when pretrained.
+    all_layers = 6 if backbone == "mobilenet_v3_large" else 5
+    if trainable_backbone_layers is None:
+        trainable_backbone_layers = 3 if pretrained else all_layers
+    kwargs.update(min_size=min_size, max_size=max_size)
+    if skip_resize:
+        kwargs["_skip_resize"] = True
+
+    if backbone == "mobilenet_v3_large":
+        if family != "fasterrcnn" or v2 or fpn_channels != 256 or norm not in ("batch", "frozen"):
+            raise ValueError(
+                "mobilenet_v3_large is available as torchvision's fasterrcnn_mobilenet_v3_large_fpn "
+                "(FPN width 256, batch or frozen norm); use a ResNet backbone for other detectors"
+            )
+        if _is_path(weights_backbone):
+            raise ValueError("a local weights_backbone file is supported for ResNet backbones only")
+        if (norm == "frozen") != pretrained:
+            raise ValueError("torchvision's MobileNetV3 detector uses frozen BatchNorm exactly when pretrained")
+        # torchvision's builder picks its norm from the weights, as "auto" does.
+        model = torchvision.models.get_model(
+            name if "mobilenet" in name else "fasterrcnn_mobilenet_v3_large_fpn",
+            weights=None if local_weights else weights,
+            weights_backbone=weights_backbone,
+            num_classes=num_classes,
+            # torchvision warns when this is set without pretrained weights (it trains all then).
+            trainable_backbone_layers=trainable_backbone_layers if pretrained else None,
+            **kwargs,
+        )
+    elif weights is not None and not local_weights:
+        # A whole torchvision network with its weights: only its own builder reproduces it.
+        if backbone != "resnet50" or fpn_channels != 256:
+            raise ValueError(
+                f"torchvision weights exist for the resnet50 FPN detectors only, not {name} on {backbone} "
+                f"with fpn_channels={fpn_channels}; pass weights_backbone for a pretrained backbone instead"
+            )
+        tv_name = f"{family}_resnet50_fpn{'_v2' if v2 else ''}"
+        model = torchvision.models.get_model(
+            tv_name,
+            weights=weights,
+            num_classes=num_classes,
+            trainable_backbone_layers=trainable_backbone_layers,
+            **kwargs,
+        )
+    else:
+        model = _assemble(
+            family,
+            backbone,
+            v2,
+            num_classes=num_classes,
+            weights_backbone=weights_backbone,
+            norm=norm,
+            fpn_channels=fpn_channels,
+            trainable_layers=trainable_backbone_layers,
+            **kwargs,
+        )
+    if state_dict is not None:
+        _load_strict(model, state_dict, str(weights))
+    return model
