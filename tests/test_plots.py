@@ -1,0 +1,147 @@
+"""Tests of pkd.plots: every figure renders to a PNG that PIL opens; metrics.jsonl parsing."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from pkd.analysis import analyze
+from pkd.plots import (
+    load_metrics,
+    plot_channel_dominance,
+    plot_correlation,
+    plot_gradient_shares,
+    plot_histograms,
+    plot_run,
+    plot_runs,
+    plot_stage_maps,
+    save_analysis_figures,
+)
+
+
+@pytest.fixture(scope="module")
+def analysis():
+    generator = torch.Generator().manual_seed(0)
+    sizes = {"stride 8": (16, 16), "stride 16": (8, 8), "stride 32": (4, 4)}
+    student = {stage: torch.randn(2, 12, *size, generator=generator) for stage, size in sizes.items()}
+    teacher = {stage: 3 * x + torch.randn(x.shape, generator=generator) for stage, x in student.items()}
+    teacher["stride 32"] = 40 * teacher["stride 32"]
+    return analyze([(student, teacher)])
+
+
+def assert_png(path, min_size=(300, 200), max_size=(4000, 3000)):
+    assert path.is_file() and path.stat().st_size > 1000
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        width, height = image.size
+    assert min_size[0] <= width <= max_size[0] and min_size[1] <= height <= max_size[1]
+
+
+@pytest.mark.parametrize(
+    "plot", [plot_histograms, plot_channel_dominance, plot_stage_maps, plot_gradient_shares, plot_correlation]
+)
+def test_analysis_figure_is_labelled(plot, analysis):
+    figure = plot(analysis)
+    assert figure.get_suptitle() or any(ax.get_title() for ax in figure.axes)
+    for ax in figure.axes:
+        # Image panels are labelled by their column title, row label and colour bar instead.
+        if ax.get_visible() and ax.get_label() != "<colorbar>" and not ax.images:
+            assert ax.get_title()
+            assert ax.get_xlabel() and ax.get_ylabel()
+
+
+def test_save_analysis_figures(analysis, tmp_path):
+    # Renders every figure above to a PNG.
+    paths = save_analysis_figures(analysis, tmp_path / "figures")
+    assert set(paths) == {"histograms", "channel_dominance", "stage_maps", "gradient_shares", "correlation"}
+    for path in paths.values():
+        assert path.parent == tmp_path / "figures"
+        assert_png(path)
+
+
+def train_line(step, epoch, distill=True):
+    record = {
+        "type": "train",
+        "step": step,
+        "epoch": epoch,
+        "lr": 0.01 * min(1.0, (step + 1) / 20),
+        "loss": 2.0 / (1 + step / 30),
+        "loss_classification": 1.2 / (1 + step / 30),
+        "loss_bbox_regression": 0.6 / (1 + step / 40),
+    }
+    if distill:
+        record["loss_distill"] = 0.2 / (1 + step / 10)
+        record["loss_distill/stride 8"] = 0.12 / (1 + step / 10)
+        record["loss_distill/stride 16"] = 0.08 / (1 + step / 10)
+    return record
+
+
+def write_run(folder, *, val=True, test=False, distill=True):
+    folder.mkdir(parents=True)
+    lines = []
+    for step in range(0, 120, 2):
+        lines.append(json.dumps(train_line(step, step // 40, distill)))
+        if val and step % 40 == 38:
+            metrics = {key: 0.1 + step / 1000 for key in ("mAP", "AP50", "AP75", "AP_small", "AR100")}
+            lines.append(json.dumps({"type": "val", "step": step, "epoch": step // 40, **metrics}))
+    if test:
+        lines.append(json.dumps({"type": "test", "step": 118, "epoch": 2, "mAP": 0.2, "AP50": 0.4}))
+    # A run killed mid-write leaves a truncated last line.
+    text = "\n".join(lines) + "\n" + json.dumps(train_line(120, 3))[:37]
+    (folder / "metrics.jsonl").write_text(text)
+    return folder
+
+
+def test_load_metrics_tolerates_truncated_last_line(tmp_path):
+    run = write_run(tmp_path / "run", test=True)
+    metrics = load_metrics(run)
+    assert len(metrics.train) == 60 and metrics.train[-1]["step"] == 118
+    assert [record["step"] for record in metrics.val] == [38, 78, 118]
+    assert len(metrics.test) == 1
+    assert load_metrics(run / "metrics.jsonl") == metrics
+
+
+def test_load_metrics_keeps_the_last_record_of_a_repeated_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [train_line(0, 0), train_line(2, 0), {**train_line(2, 0), "loss": 9.0}, {"type": "val", "mAP": 0.1}]
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n\n")
+    metrics = load_metrics(path)
+    assert [record["step"] for record in metrics.train] == [0, 2]
+    assert metrics.train[-1]["loss"] == 9.0
+    assert metrics.val == []  # no step: nowhere to draw it
+
+
+def test_load_metrics_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        load_metrics(tmp_path)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"type": "train", "step": 0, "loss": 1.0}\n{"type": "tr\n{"type": "train", "step": 1}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
+        load_metrics(path)
+
+
+@pytest.mark.parametrize("kind", [dict(test=True), dict(val=False, distill=False)], ids=["full", "no-val-no-distill"])
+def test_plot_run(kind, tmp_path):
+    run = write_run(tmp_path / "run", **kind)
+    path = plot_run(run)
+    assert path == run / "curves.png"
+    assert_png(path, min_size=(800, 400))
+
+
+def test_plot_run_on_empty_file(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert_png(plot_run(tmp_path), min_size=(800, 400))
+
+
+def test_plot_runs(tmp_path):
+    runs = [write_run(tmp_path / "pkd"), write_run(tmp_path / "mse", test=True), write_run(tmp_path / "x", val=False)]
+    path = plot_runs(runs, tmp_path / "out" / "compare.png")
+    assert path == tmp_path / "out" / "compare.png"
+    assert_png(path)
+    assert_png(plot_runs(runs[:2], tmp_path / "labelled.png", labels=["PKD", "MSE"]))
+    assert_png(plot_runs(runs[2:], tmp_path / "none.png"))
+    with pytest.raises(ValueError, match="2 labels for 3 runs"):
+        plot_runs(runs, tmp_path / "bad.png", labels=["a", "b"])
+    with pytest.raises(ValueError, match="at least one"):
+        plot_runs([], tmp_path / "bad.png")
