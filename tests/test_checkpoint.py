@@ -191,29 +191,29 @@ KILL_SNIPPET = textwrap.dedent(
 
 def test_sigkill_never_leaves_a_partial_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
-    interrupted_writes = 0
-    for delay in (0.05, 0.13, 0.31):
+    for _ in range(3):
         process = subprocess.Popen(
             [sys.executable, "-c", KILL_SNIPPET, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
         try:
-            # Wait until at least one save completed (or show why the child died).
+            # Wait until at least one save completed (or show why the child died), then kill the
+            # writer in the middle of its next write: as soon as its temporary file exists.
             assert process.stdout.readline().strip().isdigit(), process.stderr.read()
-            time.sleep(delay)
+            deadline = time.monotonic() + 60
+            while not any(entry.name.endswith(".tmp") for entry in tmp_path.iterdir()):
+                assert time.monotonic() < deadline, "the writer never started another save"
+                time.sleep(0.0005)
         finally:
             process.send_signal(signal.SIGKILL)
             process.wait()
             process.stdout.close()
             process.stderr.close()
-        interrupted_writes += any(entry.name.endswith(".tmp") for entry in tmp_path.iterdir())
+        assert any(entry.name.endswith(".tmp") for entry in tmp_path.iterdir()), "the kill did not land mid-write"
 
         loaded = load_checkpoint(path)
         weights = loaded["model"]["w"]
         assert weights.numel() == 4_000_000
         assert bool((weights == loaded["epoch"]).all())
-    # A temporary file left behind proves a kill landed inside a write, so the test exercised
-    # what it is about; writes take nearly all of the loop's time, so at least one of three does.
-    assert interrupted_writes >= 1
 
 
 def test_missing_file(tmp_path):

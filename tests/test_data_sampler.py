@@ -109,7 +109,7 @@ def test_training_loader_is_grouped_seeded_and_follows_the_epoch(tiny_digits):
     groups = dict(zip(dataset.ids, group_by_aspect_ratio(dataset.aspect_ratios()), strict=True))
     kwargs = {"batch_size": 3, "train": True, "workers": 0, "distributed": False}
     loader = build_loader(dataset, seed=1, **kwargs)
-    assert isinstance(loader.batch_sampler, GroupedBatchSampler)
+    assert isinstance(loader.batch_sampler.batch_sampler, GroupedBatchSampler)
     assert isinstance(loader.batch_sampler.sampler, DistributedSampler)
     first = loader_order(loader)
     assert len(first) == len(loader)
@@ -157,3 +157,49 @@ def test_distributed_loaders_in_a_one_process_group(tiny_digits, tmp_path):
         assert list(itertools.chain(*loader_order(evaluation))) == dataset.ids
     finally:
         dist.destroy_process_group()
+
+
+def train_digits_dataset(tiny_digits):
+    from pkd.data import train_transforms
+
+    return CocoDetection(
+        tiny_digits.annotations["train"],
+        tiny_digits.images["train"],
+        transforms=train_transforms(min_sizes=[48, 64, 80], max_size=120),
+    )
+
+
+def loader_samples(loader):
+    return [
+        (target["image_id"], tuple(image.shape), target["boxes"].tolist())
+        for images, targets, _ in loader
+        for image, target in zip(images, targets, strict=True)
+    ]
+
+
+def test_augmentations_are_seeded_per_sample_whatever_the_workers(tiny_digits):
+    dataset = train_digits_dataset(tiny_digits)
+    kwargs = {"batch_size": 3, "train": True, "distributed": False, "seed": 5}
+    in_process = build_loader(dataset, workers=0, **kwargs)
+    torch.manual_seed(123)  # the global generator does not matter
+    first = loader_samples(in_process)
+    torch.manual_seed(456)
+    assert loader_samples(in_process) == first
+    assert loader_samples(build_loader(dataset, workers=2, **kwargs)) == first
+    # The random multi-scale resize really varies between samples.
+    assert len({shape for _, shape, _ in first}) > 1
+
+
+def test_resuming_mid_epoch_replays_the_remaining_batches(tiny_digits):
+    dataset = train_digits_dataset(tiny_digits)
+    kwargs = {"batch_size": 3, "train": True, "workers": 0, "distributed": False, "seed": 7}
+    loader = build_loader(dataset, **kwargs)
+    set_epoch(loader, 2)
+    whole = [loader_samples([batch]) for batch in loader]
+    resumed = build_loader(dataset, **kwargs)
+    set_epoch(resumed, 2, skip_batches=2)
+    assert len(resumed) == len(whole) - 2
+    assert [loader_samples([batch]) for batch in resumed] == whole[2:]
+    assert len(resumed) == len(whole), "the skip applies to one pass only"
+    with pytest.raises(ValueError, match="only training loaders"):
+        set_epoch(build_loader(dataset, batch_size=2, train=False, workers=0, distributed=False, seed=0), 0, 1)

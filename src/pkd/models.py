@@ -34,6 +34,7 @@ __all__ = [
     "FAMILIES",
     "build_detector",
     "count_parameters",
+    "detect_norm",
     "detector_names",
     "is_two_stage",
     "parse_detector_name",
@@ -141,8 +142,12 @@ def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: 
     model.load_state_dict(state_dict, strict=not ignore)
 
 
-def _detect_norm(state_dict: dict[str, torch.Tensor]) -> str:
-    """Trainable BatchNorm keeps ``num_batches_tracked``; FrozenBatchNorm2d has none."""
+def detect_norm(state_dict: dict[str, torch.Tensor]) -> str:
+    """The backbone norm a state_dict was trained with: ``"batch"``, ``"frozen"`` or ``"group"``.
+
+    Trainable BatchNorm keeps ``num_batches_tracked``; FrozenBatchNorm2d has running statistics
+    without it; GroupNorm has neither.
+    """
     backbone_keys = [k for k in state_dict if ".body." in k or not k.startswith(("backbone.", "fpn."))]
     if any(k.endswith("num_batches_tracked") for k in backbone_keys):
         return "batch"
@@ -315,7 +320,7 @@ def build_detector(
         weights_backbone is not None and not _is_path(weights_backbone)
     )
     if norm == "auto":
-        norm = _detect_norm(state_dict) if state_dict is not None else ("frozen" if pretrained else "batch")
+        norm = detect_norm(state_dict) if state_dict is not None else ("frozen" if pretrained else "batch")
     # All stages train from random init; torchvision leaves the first two frozen when pretrained.
     all_layers = 6 if backbone == "mobilenet_v3_large" else 5
     if trainable_backbone_layers is None:

@@ -6,10 +6,12 @@ of similar aspect ratio together avoids that. :func:`group_by_aspect_ratio` assi
 image a group, :class:`GroupedBatchSampler` forms batches within groups, and
 :func:`build_loader` puts it together with the samplers for single-process and DDP runs.
 
-Shuffling is seeded and follows the epoch: call :func:`set_epoch` (or
-``loader.batch_sampler.sampler.set_epoch(epoch)``) before each training epoch, in DDP and
-without it alike, so every epoch has its own order and a resumed run replays the order of
-the epoch it resumes.
+Shuffling is seeded and follows the epoch: call :func:`set_epoch` before each training
+epoch, in DDP and without it alike, so every epoch has its own order. Training augmentations
+are seeded per sample from ``(seed, epoch, index)`` (:class:`SeededSamples`), so they do not
+depend on the number of workers or on what was loaded before, and a run resumed in the
+middle of an epoch (``set_epoch(loader, epoch, skip_batches=k)``) sees exactly the batches
+and augmentations the uninterrupted run saw.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from pkd.data.coco import collate
 
 __all__ = [
     "DEFAULT_ASPECT_RATIO_BINS",
+    "EpochBatches",
     "GroupedBatchSampler",
+    "SeededSamples",
     "ShardSampler",
     "build_loader",
     "group_by_aspect_ratio",
@@ -144,6 +148,66 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.length, self.num_replicas))
 
 
+class SeededSamples(Dataset):
+    """A dataset whose samples are drawn with a random state fixed by ``(seed, epoch, index)``.
+
+    Keys are ``(index, epoch)`` pairs (from :class:`EpochBatches`). The global torch generator,
+    which torchvision's random transforms draw from, is seeded from the key for the duration of
+    the sample and restored afterwards.
+
+    Args:
+        dataset: The dataset to draw from (with ``aspect_ratios()`` when batches are grouped).
+        seed: The run's seed.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def aspect_ratios(self) -> list[float]:
+        return self.dataset.aspect_ratios()
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        # A cheap integer mix keeps the streams of nearby (seed, epoch, index) unrelated.
+        sample_seed = (self.seed * 1_000_003 + epoch * 998_244_353 + index * 2_654_435_761) % 2**63
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            return self.dataset[index]
+
+
+class EpochBatches(Sampler[list[tuple[int, int]]]):
+    """Tags each index of a batch sampler with the epoch, and can skip the first batches once.
+
+    Args:
+        batch_sampler: Yields lists of indices (its sampler is seeded and follows the epoch).
+    """
+
+    def __init__(self, batch_sampler: Sampler[list[int]]) -> None:
+        self.batch_sampler = batch_sampler
+        self.sampler = batch_sampler.sampler
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch = epoch
+        self.skip = skip_batches
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.skip)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        skip, self.skip = self.skip, 0  # a resumed epoch skips once; the next epoch is whole
+        for position, batch in enumerate(self.batch_sampler):
+            if position >= skip:
+                yield [(index, self.epoch) for index in batch]
+
+
 def build_loader(
     dataset: Dataset,
     *,
@@ -157,7 +221,8 @@ def build_loader(
     """Builds the data loader of a training or evaluation split.
 
     Training shuffles with a ``DistributedSampler`` seeded with ``seed`` (with one replica when
-    not distributed; see :func:`set_epoch`) and, with ``group_aspect_ratio``, batches images of
+    not distributed; see :func:`set_epoch`), seeds each sample's augmentations from ``(seed,
+    epoch, index)`` (:class:`SeededSamples`) and, with ``group_aspect_ratio``, batches images of
     similar aspect ratio (the dataset must have ``aspect_ratios()``, like
     :class:`~pkd.data.CocoDetection`). In DDP the sampler pads the dataset by repeating a few
     indices so every rank has as many samples, hence as many steps. Evaluation keeps file order,
@@ -170,8 +235,8 @@ def build_loader(
         workers: Loader worker processes; 0 loads in the main process. Workers persist across
             epochs.
         distributed: Shard across the ranks of the initialised default process group.
-        seed: Seed of the shuffle and of the workers' random augmentations (with ``workers=0``
-            the augmentations draw from the global torch generator: seed that).
+        seed: Seed of the shuffle and of the random augmentations (the same with any number
+            of workers).
         group_aspect_ratio: Batch training images by aspect ratio.
 
     Returns:
@@ -189,11 +254,12 @@ def build_loader(
             batch_sampler: Sampler[list[int]] = GroupedBatchSampler(sampler, groups, batch_size)
         else:
             batch_sampler = BatchSampler(sampler, batch_size, drop_last=False)
+        batch_sampler = EpochBatches(batch_sampler)
+        dataset = SeededSamples(dataset, seed)
     else:
         sampler = ShardSampler(len(dataset), world_size, rank) if distributed else SequentialSampler(dataset)
         batch_sampler = BatchSampler(sampler, batch_size, drop_last=False)
-    # Worker seeds derive from this generator; the rank offset gives each rank its own
-    # augmentation stream.
+    # Worker seeds derive from this generator (training augmentations are seeded per sample).
     generator = torch.Generator().manual_seed(seed + rank)
     return DataLoader(
         dataset,
@@ -206,15 +272,20 @@ def build_loader(
     )
 
 
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Sets the epoch of the loader's shuffling sampler, if it has one (call before each epoch).
+def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
+    """Sets the epoch of the loader's shuffling (call before each training epoch).
 
     Args:
-        loader: A loader from :func:`build_loader` (any loader whose sampler may have
-            ``set_epoch``).
+        loader: A loader from :func:`build_loader` (evaluation loaders have nothing to set).
         epoch: The epoch about to start.
+        skip_batches: Leave out this epoch's first batches (resuming in the middle of it).
     """
     batch_sampler = loader.batch_sampler
+    if isinstance(batch_sampler, EpochBatches):
+        batch_sampler.set_epoch(epoch, skip_batches)
+        return
+    if skip_batches:
+        raise ValueError("only training loaders from build_loader can skip batches")
     sampler = batch_sampler.sampler if batch_sampler is not None else loader.sampler
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)

@@ -1,0 +1,5 @@
+import sys
+
+from pkd.cli import main
+
+sys.exit(main())

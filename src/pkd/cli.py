@@ -1,0 +1,210 @@
+"""The ``pkd`` command: parses arguments and calls the library (nothing else lives here)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="YAML run config (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.lr=0.02 (repeatable)",
+    )
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_config_arguments(parser)
+    parser.add_argument("--output", help="run folder (overrides the config's output)")
+    parser.add_argument("--no-resume", action="store_true", help="start over even if the run folder has last.pt")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
+
+
+def _print_metrics(title: str, metrics: dict[str, float]) -> None:
+    from pkd.engine import COCO_METRICS
+
+    print(title)
+    for name in COCO_METRICS:
+        if name in metrics:
+            print(f"  {name:<10} {metrics[name]:.4f}")
+
+
+def _load_run_config(args: argparse.Namespace, *, distill: bool):
+    from pkd.config import ConfigError, load_config
+
+    overrides = list(args.overrides) + ([f"output={args.output}"] if getattr(args, "output", None) else [])
+    config = load_config(args.config, overrides)
+    if distill and config.teacher is None:
+        raise ConfigError(f"{args.config}: `pkd distill` needs a teacher section (and usually a distill section)")
+    if not distill and (config.teacher is not None or config.distill is not None):
+        raise ConfigError(f"{args.config}: has a teacher/distill section; use `pkd distill` for it")
+    return config
+
+
+def _train(args: argparse.Namespace, *, distill: bool) -> int:
+    from pkd.engine import fit
+
+    config = _load_run_config(args, distill=distill)
+    results = fit(config, resume=not args.no_resume, progress=args.progress)
+    if results is None:  # not the main process of a DDP run
+        return 0
+    print(f"run folder: {config.output}")
+    if "val" in results:
+        _print_metrics(f"best validation (step {results['best_step']}):", results["val"])
+    if "test" in results:
+        _print_metrics("test (best checkpoint):", results["test"])
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    return _train(args, distill=False)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    return _train(args, distill=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pkd.config import ConfigError, load_config
+    from pkd.data import CocoDetection, build_loader, eval_transforms
+    from pkd.engine import evaluate, load_detector, resolve_device
+
+    config = load_config(args.config, args.overrides)
+    split = getattr(config.data, args.split)
+    if split is None:
+        raise ConfigError(f"data.{args.split}: this config has no {args.split} split")
+    model, meta = load_detector(args.checkpoint)
+    dataset = CocoDetection(split.annotations, split.images, transforms=eval_transforms(), label_map=meta["label_map"])
+    loader = build_loader(
+        dataset, batch_size=config.train.batch_size, train=False, workers=config.data.workers, distributed=False, seed=0
+    )
+    device = resolve_device(config.train.device)
+    metrics = evaluate(model.to(device), loader, device, progress=sys.stderr.isatty())
+    _print_metrics(f"{meta['detector']} on {args.split} ({len(dataset)} images):", metrics)
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pkd.checkpoint import checkpoint_summary, export_student, load_checkpoint
+
+    source = Path(args.run)
+    if source.is_dir():
+        source = source / f"{args.which}.pt"
+    checkpoint = load_checkpoint(source)
+    out = export_student(checkpoint, args.out)
+    print(f"{checkpoint_summary(checkpoint)}\nexported the student to {out}")
+    return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from pkd.data import check_data_main
+
+    return check_data_main(args.annotations, args.images)
+
+
+def cmd_data_digits(args: argparse.Namespace) -> int:
+    from pkd.data import make_digits_dataset, preview
+
+    dataset = make_digits_dataset(
+        args.out,
+        seed=args.seed,
+        train_images=args.train_images,
+        val_images=args.val_images,
+        test_images=args.test_images,
+        image_size=tuple(args.image_size),
+        digit_size=tuple(args.digit_size),
+        overwrite=args.overwrite,
+    )
+    for split in ("train", "val", "test"):
+        print(f"{split}: {dataset.annotations[split]} (images in {dataset.images[split]})")
+    if args.preview:
+        split = "train"
+        out = preview(dataset.annotations[split], dataset.images[split], Path(args.out) / "preview.png")
+        print(f"preview: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pkd",
+        description="Distil object detectors with the Pearson correlation coefficient (PKD, NeurIPS 2022).",
+    )
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train one detector (e.g. a teacher)", description=cmd_train.__doc__)
+    _add_run_arguments(train)
+    train.set_defaults(handler=cmd_train)
+
+    distill = commands.add_parser("distill", help="train a student with a frozen teacher's FPN features")
+    _add_run_arguments(distill)
+    distill.set_defaults(handler=cmd_distill)
+
+    evaluate = commands.add_parser("eval", help="COCO box mAP of a checkpoint on a split of a config's data")
+    _add_config_arguments(evaluate)
+    evaluate.add_argument("--checkpoint", required=True, type=Path, help="run checkpoint or exported student")
+    evaluate.add_argument("--split", default="val", choices=("val", "test"), help="which split (default val)")
+    evaluate.add_argument("--json", help="also write the metrics to this JSON file")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    export = commands.add_parser("export", help="write the student alone as a plain torchvision state_dict")
+    export.add_argument("run", help="run folder (or a checkpoint file)")
+    export.add_argument("--out", required=True, type=Path, help="output file, e.g. student.pt")
+    export.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint of the run folder")
+    export.set_defaults(handler=cmd_export)
+
+    check = commands.add_parser("check-data", help="validate a COCO-format dataset before a long run")
+    check.add_argument("annotations", type=Path, help="instances JSON")
+    check.add_argument("--images", type=Path, help="images folder (file_name is relative to it)")
+    check.set_defaults(handler=cmd_check_data)
+
+    data = commands.add_parser("data", help="build the embedded datasets")
+    data_commands = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    digits = data_commands.add_parser(
+        "digits", help="handwritten digits on real photographs (scikit-learn/scikit-image data, no download)"
+    )
+    digits.add_argument("--out", required=True, type=Path, help="output folder")
+    digits.add_argument("--seed", type=int, default=0)
+    digits.add_argument("--train-images", type=int, default=2000)
+    digits.add_argument("--val-images", type=int, default=300)
+    digits.add_argument("--test-images", type=int, default=300)
+    digits.add_argument("--image-size", type=int, nargs=2, default=(128, 192), metavar=("MIN", "MAX"))
+    digits.add_argument("--digit-size", type=int, nargs=2, default=(12, 48), metavar=("MIN", "MAX"))
+    digits.add_argument("--overwrite", action="store_true", help="replace a dataset made with other parameters")
+    digits.add_argument("--preview", action="store_true", help="also write OUT/preview.png with boxes drawn")
+    digits.set_defaults(handler=cmd_data_digits)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``pkd`` console script."""
+    args = build_parser().parse_args(argv)
+    from pkd.checkpoint import CheckpointError
+    from pkd.config import ConfigError
+    from pkd.engine import RunInterrupted
+
+    try:
+        return args.handler(args)
+    except RunInterrupted as interrupted:
+        print(f"\n{interrupted}", file=sys.stderr)
+        return 130
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as error:
+        if args.traceback:
+            raise
+        print(f"pkd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Tests of the pkd command line: every command end to end on tiny data, and its errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from pkd.cli import build_parser, main
+
+
+def write_config(path, digits, output, **sections):
+    values = {
+        "model": {"name": "fcos_resnet18_fpn", "fpn_channels": 64},
+        "data": {
+            "train": {"annotations": str(digits.annotations["train"]), "images": str(digits.images["train"])},
+            "val": {"annotations": str(digits.annotations["val"]), "images": str(digits.images["val"])},
+            "test": {"annotations": str(digits.annotations["test"]), "images": str(digits.images["test"])},
+            "train_sizes": [64],
+            "max_size": 96,
+            "eval_size": 64,
+            "workers": 0,
+        },
+        "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "log_every": 1},
+        "output": str(output),
+    }
+    values.update(sections)
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+@pytest.mark.parametrize(
+    "command", [[], ["train"], ["distill"], ["eval"], ["export"], ["check-data"], ["data", "digits"]]
+)
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: pkd" in capsys.readouterr().out
+
+
+def test_console_script_entry_point():
+    done = subprocess.run([sys.executable, "-m", "pkd", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "distill" in done.stdout
+
+
+def test_train_distill_eval_export(tiny_digits, tmp_path, capsys):
+    teacher_config = write_config(tmp_path / "teacher.yaml", tiny_digits, tmp_path / "teacher")
+    assert main(["train", str(teacher_config), "--set", "model.name=fasterrcnn_resnet18_fpn"]) == 0
+    assert "best validation" in capsys.readouterr().out
+
+    student_config = write_config(
+        tmp_path / "student.yaml",
+        tiny_digits,
+        tmp_path / "student",
+        model={"name": "fcos_resnet50_fpn"},
+        teacher={"weights": str(tmp_path / "teacher" / "best.pt"), "fpn_channels": 64},
+        distill={"loss": "pkd", "weight": 1.0, "connectors": True},
+    )
+    assert main(["distill", str(student_config)]) == 0
+    out = capsys.readouterr().out
+    assert "test (best checkpoint)" in out and "mAP" in out
+
+    assert main(["export", str(tmp_path / "student"), "--out", str(tmp_path / "student.pt")]) == 0
+    # Loadable without pkd, into torchvision's own builder.
+    exported = torch.load(tmp_path / "student.pt", weights_only=True)
+    plain = torchvision.models.detection.fcos_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=exported["meta"]["num_classes"]
+    )
+    plain.load_state_dict(exported["state_dict"], strict=True)
+    assert exported["meta"]["label_map"] == {k: k for k in range(1, 11)}
+
+    assert main(["eval", str(student_config), "--checkpoint", str(tmp_path / "student.pt"), "--split", "test",
+                 "--json", str(tmp_path / "m.json")]) == 0  # fmt: skip
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert set(metrics) >= {"mAP", "AP50", "AR100"}
+    assert "on test (6 images)" in capsys.readouterr().out
+
+
+def test_errors_are_one_line_with_exit_code_2(tiny_digits, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_digits, tmp_path / "run")
+    assert main(["train", str(config), "--set", "train.optimiser=adam"]) == 2
+    assert "unknown key train.optimiser" in capsys.readouterr().err
+    assert main(["distill", str(config)]) == 2
+    assert "needs a teacher section" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["export", str(tmp_path / "junk.pt"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "truncated or corrupt" in capsys.readouterr().err
+
+
+def test_check_data(coco_files, capsys):
+    assert main(["check-data", str(coco_files.annotations), "--images", str(coco_files.images)]) == 0
+    capsys.readouterr()
+    coco_files.data["annotations"][0]["bbox"] = [5, 5, 0, 10]
+    coco_files.write()
+    assert main(["check-data", str(coco_files.annotations), "--images", str(coco_files.images)]) == 1
+    report = capsys.readouterr().out
+    assert str(coco_files.data["annotations"][0]["id"]) in report
+
+
+def test_data_digits_with_preview(tmp_path, capsys):
+    out = tmp_path / "digits"
+    args = ["data", "digits", "--out", str(out), "--train-images", "4", "--val-images", "2", "--test-images", "2",
+            "--image-size", "64", "72", "--digit-size", "12", "20", "--preview"]  # fmt: skip
+    assert main(args) == 0
+    assert (out / "preview.png").stat().st_size > 1000
+    assert json.loads((out / "annotations" / "train.json").read_text())["images"]
+    assert "preview:" in capsys.readouterr().out
+
+
+def test_parser_lists_every_command():
+    text = build_parser().format_help()
+    for command in ("train", "distill", "eval", "export", "check-data", "data"):
+        assert command in text

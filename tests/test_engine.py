@@ -1,0 +1,285 @@
+"""Tests of pkd.engine: training, distillation, COCO evaluation, checkpoints and resuming."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+
+import pkd.engine
+from pkd.checkpoint import load_checkpoint
+from pkd.config import config_from_dict
+from pkd.engine import (
+    COCO_METRICS,
+    RunInterrupted,
+    TrainState,
+    build_optimizer,
+    coco_metrics,
+    evaluate,
+    fit,
+    lr_factor,
+    train_one_epoch,
+)
+
+
+def tiny_config(digits, output, *, teacher=None, **train):
+    values = {
+        "model": {"name": "fcos_resnet18_fpn", "fpn_channels": 64},
+        "data": {
+            "train": {"annotations": str(digits.annotations["train"]), "images": str(digits.images["train"])},
+            "val": {"annotations": str(digits.annotations["val"]), "images": str(digits.images["val"])},
+            "test": {"annotations": str(digits.annotations["test"]), "images": str(digits.images["test"])},
+            "train_sizes": [64, 80],
+            "max_size": 128,
+            "eval_size": 64,
+            "workers": 0,
+        },
+        "train": {"steps": 6, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "eval_every": 3, "log_every": 2, **train},
+        "output": str(output),
+    }
+    if teacher is not None:
+        values["teacher"] = {"weights": str(teacher)}
+        values["distill"] = {"loss": "pkd", "weight": 2.0}
+    return config_from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_digits, tmp_path_factory):
+    """A few steps of a Faster R-CNN 'teacher', trained once for the module."""
+    output = tmp_path_factory.mktemp("runs") / "teacher"
+    config = tiny_config(tiny_digits, output)
+    config.model.name = "fasterrcnn_resnet18_fpn"
+    results = fit(config, progress=False)
+    return output, results
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_checkpoints_metrics_and_events(teacher_run):
+    run, results = teacher_run
+    assert {"last.pt", "best.pt", "config.yaml", "metrics.jsonl", "results.json"} <= {p.name for p in run.iterdir()}
+    assert list(run.glob("events.out.tfevents.*"))
+    records = read_metrics(run)
+    assert [r["step"] for r in records if r["type"] == "train"] == [2, 4, 6]
+    assert [r["step"] for r in records if r["type"] == "val"] == [3, 6]
+    assert [r["type"] for r in records].count("test") == 1
+    train = next(r for r in records if r["type"] == "train")
+    assert {"loss", "lr", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(train)
+    assert set(COCO_METRICS) <= set(records[-1])
+    assert results["steps"] == 6 and set(results["test"]) == set(COCO_METRICS)
+    checkpoint = load_checkpoint(run / "last.pt")
+    assert checkpoint["step"] == 6 and checkpoint["meta"]["detector"] == "fasterrcnn_resnet18_fpn"
+    assert checkpoint["meta"]["num_classes"] == 11 and len(checkpoint["meta"]["label_map"]) == 10
+
+
+def test_distill_from_a_trained_teacher(teacher_run, tiny_digits, tmp_path):
+    teacher, _ = teacher_run
+    results = fit(tiny_config(tiny_digits, tmp_path / "student", teacher=teacher / "best.pt"), progress=False)
+    train = [r for r in read_metrics(tmp_path / "student") if r["type"] == "train"]
+    assert {"loss_distill", "loss_distill/s8", "loss_distill/s64", "loss_classification"} <= set(train[0])
+    assert all(r["loss_distill"] > 0 for r in train)
+    checkpoint = load_checkpoint(tmp_path / "student" / "best.pt")
+    assert checkpoint["meta"]["detector"] == "fcos_resnet18_fpn" and checkpoint["meta"]["teacher"]
+    assert not any(k.startswith(("teacher", "student.", "connectors")) for k in checkpoint["model"])
+    assert results["test"]["mAP"] >= 0
+
+
+def perfect_detections(coco, image_ids):
+    return [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+        for a in coco.loadAnns(coco.getAnnIds(imgIds=image_ids))
+    ]
+
+
+def test_coco_metrics_match_pycocotools(tiny_digits):
+    coco = COCO(str(tiny_digits.annotations["val"]))
+    ids = sorted(coco.getImgIds())
+    assert coco_metrics(coco, perfect_detections(coco, ids), ids)["mAP"] == pytest.approx(1.0)
+    # Hand-made predictions: shifted boxes, one wrong class, one missing, and a false positive.
+    detections = perfect_detections(coco, ids)
+    for k, d in enumerate(detections):
+        d["bbox"] = [d["bbox"][0] + k % 3, d["bbox"][1], d["bbox"][2], d["bbox"][3] - k % 2]
+        d["score"] = 1.0 - 0.01 * k
+    detections[0]["category_id"] = 1 + detections[0]["category_id"] % 10
+    del detections[1]
+    detections.append({"image_id": ids[0], "category_id": 3, "bbox": [0, 0, 10, 10], "score": 0.99})
+    ours = coco_metrics(coco, detections, ids)
+    evaluator = COCOeval(coco, coco.loadRes(detections), iouType="bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert [ours[name] for name in COCO_METRICS] == pytest.approx(list(evaluator.stats))
+    assert 0 < ours["mAP"] < 1
+    assert coco_metrics(coco, [], ids) == dict.fromkeys(COCO_METRICS, 0.0)
+
+
+class GroundTruth(nn.Module):
+    """A 'detector' that returns the annotations of the images it is shown, in loader order."""
+
+    def __init__(self, dataset):
+        super().__init__()
+        self.dataset = dataset
+        self.position = 0
+
+    def forward(self, images):
+        outputs = []
+        for _ in images:
+            _, target = self.dataset[self.position]
+            self.position += 1
+            outputs.append(
+                {"boxes": target["boxes"], "labels": target["labels"], "scores": torch.ones(len(target["labels"]))}
+            )
+        return outputs
+
+
+def test_evaluate_gives_one_for_perfect_predictions(tiny_digits):
+    from pkd.data import CocoDetection, build_loader, eval_transforms
+
+    dataset = CocoDetection(tiny_digits.annotations["val"], tiny_digits.images["val"], transforms=eval_transforms())
+    loader = build_loader(dataset, batch_size=4, train=False, workers=0, distributed=False, seed=0)
+    metrics = evaluate(GroundTruth(dataset), loader, torch.device("cpu"))
+    assert metrics["mAP"] == pytest.approx(1.0) and metrics["AR100"] == pytest.approx(1.0)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tiny_digits, tmp_path, monkeypatch):
+    whole = tiny_config(tiny_digits, tmp_path / "whole", steps=6, eval_every=6, checkpoint_every=1, deterministic=True)
+    fit(whole, progress=False)
+
+    # The same run, interrupted by a real Ctrl-C (SIGINT) after step 3, then resumed.
+    original = train_one_epoch
+
+    def interrupt_at_step_3(*args, after_step, **kwargs):
+        def hook(state, losses):
+            if state.step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+            return after_step(state, losses)
+
+        return original(*args, after_step=hook, **kwargs)
+
+    interrupted = tiny_config(
+        tiny_digits, tmp_path / "resumed", steps=6, eval_every=6, checkpoint_every=1, deterministic=True
+    )
+    monkeypatch.setattr(pkd.engine, "train_one_epoch", interrupt_at_step_3)
+    with pytest.raises(RunInterrupted, match="interrupted at step 3"):
+        fit(interrupted, progress=False)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 3
+    monkeypatch.setattr(pkd.engine, "train_one_epoch", original)
+    fit(interrupted, progress=False)
+
+    a = load_checkpoint(tmp_path / "whole" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert a["step"] == b["step"] == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    steps = [r["step"] for r in read_metrics(tmp_path / "resumed") if r["type"] == "train"]
+    assert steps == [2, 4, 6]
+
+
+@pytest.mark.slow
+def test_sigkill_while_checkpointing_resumes_from_the_last_good_one(tiny_digits, tmp_path):
+    config = tiny_config(tiny_digits, tmp_path / "run", steps=40, eval_every=40, checkpoint_every=1)
+    path = tmp_path / "config.yaml"
+    from pkd.config import save_config
+
+    save_config(config, path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "pkd", "train", str(path)], env=env)
+    run = tmp_path / "run"
+    try:
+        deadline = time.time() + 240
+        # Kill as soon as a checkpoint is being written after the first one exists.
+        while time.time() < deadline:
+            if (run / "last.pt").exists() and list(run.glob(".last.pt.*.tmp")):
+                break
+            time.sleep(0.001)
+        else:
+            pytest.fail("no checkpoint write observed")
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    finally:
+        process.kill()
+    good = load_checkpoint(run / "last.pt")
+    assert 1 <= good["step"] < 40
+    results = fit(config, progress=False)
+    assert results["steps"] == 40
+
+
+def test_non_finite_losses_are_skipped_then_stop_training():
+    class Flaky(nn.Module):
+        def __init__(self, bad_steps):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(()))
+            self.bad_steps = bad_steps
+            self.calls = 0
+
+        def forward(self, images, targets):
+            self.calls += 1
+            value = self.weight * 2
+            return {"loss_x": value * float("nan") if self.calls in self.bad_steps else value}
+
+    batches = [([torch.zeros(3, 4, 4)], [{}], 0)] * 6
+    model = Flaky({2, 3})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        state = train_one_epoch(model, optimizer, batches, torch.device("cpu"), 0, state=TrainState())
+    assert state.step == 6 and state.skipped_steps == 2 and torch.isfinite(model.weight)
+    model = Flaky(set(range(1, 7)))
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="4 non-finite losses in a row"):
+        train_one_epoch(model, optimizer, batches, torch.device("cpu"), 0, state=TrainState(), max_bad_steps=3)
+    # Images that failed to load are counted and an empty batch is passed over.
+    state = train_one_epoch(
+        Flaky(set()), optimizer, [([], [], 2), *batches[:2]], torch.device("cpu"), 0, state=TrainState()
+    )
+    assert state.skipped_samples == 2 and state.step == 2
+
+
+def test_schedules_and_optimizer_groups():
+    config = config_from_dict(
+        {
+            "model": {"name": "x"},
+            "data": {"train": {"annotations": "a", "images": "b"}},
+            "train": {"steps": 100, "warmup_steps": 10, "warmup_factor": 0.1, "milestones": [0.5, 0.8]},
+        }
+    ).train
+    assert lr_factor(0, config, 100) == pytest.approx(0.1)
+    assert lr_factor(5, config, 100) == pytest.approx(0.55)
+    assert [lr_factor(s, config, 100) for s in (10, 49, 50, 80, 99)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
+    config.schedule = "cosine"
+    assert [lr_factor(s, config, 100) for s in (10, 55, 100)] == pytest.approx([1, 0.5, 0])
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    optimizer = build_optimizer(model.parameters(), config)
+    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 3]
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.ddp
+def test_ddp_two_cpu_processes_train_and_evaluate(tiny_digits, tmp_path):
+    config = tiny_config(tiny_digits, tmp_path / "ddp", steps=4, eval_every=4, batch_size=2)
+    from pkd.config import save_config
+
+    save_config(config, tmp_path / "config.yaml")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "pkd", "train", str(tmp_path / "config.yaml"),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_metrics(tmp_path / "ddp")
+    assert [r["step"] for r in records if r["type"] == "val"] == [4]
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["steps"] == 4
+    assert load_checkpoint(tmp_path / "ddp" / "last.pt")["step"] == 4
+
+
+def test_results_file(teacher_run):
+    run, results = teacher_run
+    assert json.loads((Path(run) / "results.json").read_text()) == results
