@@ -33,7 +33,8 @@ def write_config(path, digits, output, **sections):
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["train"], ["distill"], ["eval"], ["export"], ["check-data"], ["data", "digits"]]
+    "command",
+    [[], ["train"], ["distill"], ["eval"], ["export"], ["check-data"], ["data", "digits"], ["inspect"], ["plot"]],
 )
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -117,3 +118,48 @@ def test_parser_lists_every_command():
     text = build_parser().format_help()
     for command in ("train", "distill", "eval", "export", "check-data", "data"):
         assert command in text
+
+
+def test_inspect_writes_every_figure_and_the_numbers(tiny_digits, tmp_path, capsys):
+    from PIL import Image
+
+    config = write_config(
+        tmp_path / "pair.yaml",
+        tiny_digits,
+        tmp_path / "run",
+        teacher={"name": "fasterrcnn_resnet18_fpn", "fpn_channels": 64},
+        distill={"loss": "pkd"},
+    )
+    out = tmp_path / "inspect"
+    assert main(["inspect", str(config), "--batches", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("s8", "s16", "s32", "s64"):
+        assert stage in printed
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["stages"] == ["s8", "s16", "s32", "s64"] and analysis["num_batches"] == 2
+    for name in ("histograms", "channel_dominance", "stage_maps", "gradient_shares", "correlation"):
+        with Image.open(out / f"{name}.png") as image:
+            assert image.size[0] > 400 and image.size[1] > 200
+    # A pair whose channels differ needs trained connectors.
+    mismatched = write_config(
+        tmp_path / "mismatch.yaml",
+        tiny_digits,
+        tmp_path / "run2",
+        teacher={"name": "fasterrcnn_resnet18_fpn", "fpn_channels": 128},
+        distill={"connectors": True},
+    )
+    assert main(["inspect", str(mismatched), "--out", str(out)]) == 2
+    assert "needs connectors" in capsys.readouterr().err
+
+
+def test_plot_one_run_and_several(tiny_digits, tmp_path, capsys):
+    for name in ("a", "b"):
+        config = write_config(tmp_path / f"{name}.yaml", tiny_digits, tmp_path / name)
+        assert main(["train", str(config)]) == 0
+        assert (tmp_path / name / "curves.png").stat().st_size > 10_000  # written at the end of the run
+    (tmp_path / "a" / "curves.png").unlink()
+    assert main(["plot", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / "curves.png").is_file()
+    assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab.png")]) == 0
+    assert (tmp_path / "ab.png").stat().st_size > 10_000
+    assert "mAP of 2 runs" in capsys.readouterr().out

@@ -680,3 +680,91 @@ def format_table(analysis: Analysis) -> str:
         "grad = share of the distillation gradient's squared norm under MSE imitation and under PKD.",
     ]
     return "\n".join([*lines, "", *legend])
+
+
+def inspect_pair(
+    config,
+    *,
+    student_checkpoint: str | Path | None = None,
+    teacher_checkpoint: str | Path | None = None,
+    batches: int = 4,
+    split: str = "val",
+    batch_size: int | None = None,
+    bins_per_decade: int = 10,
+) -> Analysis:
+    """Runs the analysis on a config's teacher and student for a few batches of a split.
+
+    The pair is built as ``pkd distill`` builds it (the same level pairing; checkpoints, when
+    given, replace the config's weights), the batches are those of the split's evaluation
+    loader, and both models see the student's eval-mode transform of each batch.
+
+    Args:
+        config: a :class:`~pkd.config.Config` with ``teacher`` (and ``distill``) sections.
+        student_checkpoint: pkd run checkpoint or export of the student (its trained
+            connectors, if any, are loaded from a run checkpoint).
+        teacher_checkpoint: pkd checkpoint of the teacher.
+        batches: number of batches to analyse.
+        split: ``"val"``, ``"test"`` or ``"train"`` (train images without augmentation).
+        batch_size: images per batch (default: the config's).
+        bins_per_decade: histogram resolution.
+
+    Returns:
+        The :class:`Analysis` of the distilled pairs (stages named after the pairs, e.g. "s8").
+    """
+    from pkd.checkpoint import load_checkpoint
+    from pkd.config import DistillConfig
+    from pkd.data import CocoDetection, build_loader, eval_transforms
+    from pkd.distiller import Distiller
+    from pkd.engine import build_model, load_detector, resolve_device
+
+    if config.teacher is None and teacher_checkpoint is None:
+        raise ValueError("inspect needs a teacher: a config with a teacher section or --teacher-checkpoint")
+    section = getattr(config.data, split)
+    if section is None:
+        raise ValueError(f"data.{split}: the config has no {split} split")
+    dataset = CocoDetection(section.annotations, section.images, transforms=eval_transforms())
+    sizes = dict(eval_size=config.data.eval_size, max_size=config.data.max_size)
+    if student_checkpoint is not None:
+        student, _ = load_detector(student_checkpoint)
+    else:
+        student, _ = build_model(config.model, num_classes=dataset.num_classes, **sizes)
+    if teacher_checkpoint is not None:
+        teacher, _ = load_detector(teacher_checkpoint)
+    else:
+        teacher, _ = build_model(config.teacher, num_classes=dataset.num_classes, **sizes)
+    distill = config.distill or DistillConfig()
+    distiller = Distiller(
+        student,
+        teacher,
+        loss=distill.loss,
+        weight=distill.weight,
+        levels=distill.levels,
+        pairing=distill.pairing,
+        max_levels=distill.max_levels,
+        connectors=distill.connectors,
+        resize=distill.resize,
+    )
+    if distiller.connectors:
+        stored = load_checkpoint(student_checkpoint) if student_checkpoint is not None else {}
+        trained = stored.get("extra", {}).get("connectors") if stored.get("kind") == "run" else None
+        if not trained:
+            raise ValueError(
+                "the pair needs connectors (channel counts differ) and no trained ones were given: pass the "
+                "student's run checkpoint (last.pt / best.pt of a `pkd distill` run) as --student-checkpoint"
+            )
+        distiller.load_connector_state_dict(trained)
+    device = resolve_device(config.train.device)
+    distiller.to(device).eval()
+    loader = build_loader(
+        dataset, batch_size=batch_size or config.train.batch_size, train=False, workers=0, distributed=False, seed=0
+    )
+    accumulator = AnalysisAccumulator(bins_per_decade=bins_per_decade)
+    for index, (images, _, _) in enumerate(loader):
+        if index >= batches:
+            break
+        student_features, teacher_features = distiller.paired_features([image.to(device) for image in images])
+        accumulator.update(
+            {k: v.float().cpu() for k, v in student_features.items()},
+            {k: v.float().cpu() for k, v in teacher_features.items()},
+        )
+    return accumulator.result()

@@ -135,6 +135,42 @@ def cmd_data_digits(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from pkd.analysis import format_table, inspect_pair
+    from pkd.config import load_config
+    from pkd.plots import save_analysis_figures
+
+    config = load_config(args.config, args.overrides)
+    analysis = inspect_pair(
+        config,
+        student_checkpoint=args.student_checkpoint,
+        teacher_checkpoint=args.teacher_checkpoint,
+        batches=args.batches,
+        split=args.split,
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    analysis.save(out / "analysis.json")
+    figures = save_analysis_figures(analysis, out)
+    print(format_table(analysis))
+    print(f"\nnumbers: {out / 'analysis.json'}")
+    for name, path in figures.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from pkd.plots import plot_run, plot_runs
+
+    if len(args.runs) == 1 and args.out is None:
+        print(f"curves: {plot_run(args.runs[0])}")
+    else:
+        for run in args.runs:
+            plot_run(run)
+        print(f"mAP of {len(args.runs)} runs: {plot_runs(args.runs, args.out or 'runs_map.png')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pkd",
@@ -168,6 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("annotations", type=Path, help="instances JSON")
     check.add_argument("--images", type=Path, help="images folder (file_name is relative to it)")
     check.set_defaults(handler=cmd_check_data)
+
+    inspect = commands.add_parser(
+        "inspect", help="feature and gradient analysis of a teacher/student pair (figures + analysis.json)"
+    )
+    _add_config_arguments(inspect)
+    inspect.add_argument("--student-checkpoint", type=Path, help="trained student (default: the config's model)")
+    inspect.add_argument("--teacher-checkpoint", type=Path, help="teacher checkpoint (default: the config's teacher)")
+    inspect.add_argument("--batches", type=int, default=4, help="batches of the split to analyse (default 4)")
+    inspect.add_argument("--split", default="val", choices=("train", "val", "test"))
+    inspect.add_argument("--out", required=True, type=Path, help="output folder")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    plot = commands.add_parser("plot", help="training curves of a run (curves.png), or the mAP of several runs")
+    plot.add_argument("runs", nargs="+", type=Path, help="run folders")
+    plot.add_argument("--out", type=Path, help="PNG comparing the runs' validation mAP (default runs_map.png)")
+    plot.set_defaults(handler=cmd_plot)
 
     data = commands.add_parser("data", help="build the embedded datasets")
     data_commands = data.add_subparsers(dest="dataset", required=True, metavar="DATASET")

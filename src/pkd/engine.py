@@ -445,7 +445,7 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
     """Trains (and, with ``teacher`` and ``distill`` sections, distils) as the config says.
 
     Writes into ``config.output``: ``config.yaml``, ``metrics.jsonl``, TensorBoard events,
-    ``last.pt`` / ``best.pt`` (best validation mAP) and ``results.json``. With ``resume`` and an
+    ``last.pt`` / ``best.pt`` (best validation mAP), ``results.json`` and ``curves.png``. With ``resume`` and an
     existing ``last.pt`` it continues from there: weights, optimiser, scheduler, scaler, step,
     RNG states, so an interrupted run ends where an uninterrupted one would.
 
@@ -699,6 +699,9 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
         if not info.is_main:
             return None
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        from pkd.plots import plot_run
+
+        plot_run(run_dir)
         return results
     finally:
         bar.close()

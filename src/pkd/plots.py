@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -430,12 +431,15 @@ def plot_run(run_dir: str | Path) -> Path:
     """
     run_dir = Path(run_dir)
     metrics = load_metrics(run_dir)
-    # Keys in the order the engine first logs them (dicts keep insertion order), so levels stay in stride order.
     train_keys = list(dict.fromkeys(key for record in metrics.train for key in record))
     components = [k for k in train_keys if k.startswith("loss_") and not k.startswith("loss_distill/")]
     # The detector's own losses first, then the total distillation loss.
     components.sort(key=lambda key: key == "loss_distill")
-    per_level = [k for k in train_keys if k.startswith("loss_distill/")]
+    # Levels in stride order: "s8" before "s16" (numbers compared as numbers).
+    per_level = sorted(
+        (k for k in train_keys if k.startswith("loss_distill/")),
+        key=lambda k: [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", k)],
+    )
 
     panels = ["loss", "components", *(["levels"] if per_level else []), "val", "lr"]
     figure, axes = _panel_grid(len(panels), columns=3, panel_size=(5.2, 3.7))
