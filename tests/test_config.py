@@ -105,3 +105,10 @@ def test_load_errors(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="a config is a mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_docs_config_reference_matches_the_code():
+    from pkd.config import config_reference
+
+    docs = Path(__file__).parents[1] / "docs" / "config.md"
+    assert docs.read_text() == config_reference(), "regenerate docs/config.md from pkd.config.config_reference()"

@@ -33,6 +33,7 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
+    "config_reference",
     "config_to_dict",
     "load_config",
     "save_config",
@@ -304,3 +305,50 @@ def save_config(config: Config, path: str | Path) -> Path:
     path = Path(path)
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     return path
+
+
+def _type_name(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        inner = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(inner) + " or null"
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(annotation):
+        return "section"
+    return {int: "int", float: "float", str: "string", bool: "bool"}.get(annotation, str(annotation))
+
+
+def config_reference() -> str:
+    """The config keys, types, defaults and meanings as Markdown (``docs/config.md``)."""
+    lines = [
+        "# Config reference",
+        "",
+        "Generated from `pkd/config.py` by `pkd.config.config_reference()`; a test keeps it in step with the code.",
+        "Override any key on the command line with `--set section.key=value` (the value is read as YAML).",
+    ]
+    sections = [
+        ("top level", Config),
+        ("model and teacher", ModelConfig),
+        ("distill", DistillConfig),
+        ("data", DataConfig),
+        ("data.train / data.val / data.test", SplitConfig),
+        ("train", TrainConfig),
+    ]
+    for title, cls in sections:
+        lines += ["", f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f"`{yaml.safe_dump(f.default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+            elif f.default_factory is not dataclasses.MISSING:
+                default = f"`{yaml.safe_dump(f.default_factory(), default_flow_style=True).strip()}`"
+            else:
+                default = "section" if dataclasses.is_dataclass(hints[f.name]) else "required"
+            meaning = f.metadata.get("doc", "")
+            if f.metadata.get("choices"):
+                meaning += f" ({' / '.join(f.metadata['choices'])})"
+            lines.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {default} | {meaning} |")
+    return "\n".join(lines) + "\n"
