@@ -712,10 +712,8 @@ def inspect_pair(
         The :class:`Analysis` of the distilled pairs (stages named after the pairs, e.g. "s8").
     """
     from pkd.checkpoint import load_checkpoint
-    from pkd.config import DistillConfig
     from pkd.data import CocoDetection, build_loader, eval_transforms
-    from pkd.distiller import Distiller
-    from pkd.engine import build_model, load_detector, resolve_device
+    from pkd.engine import build_distiller, build_model, load_detector, resolve_device
 
     if config.teacher is None and teacher_checkpoint is None:
         raise ValueError("inspect needs a teacher: a config with a teacher section or --teacher-checkpoint")
@@ -732,18 +730,7 @@ def inspect_pair(
         teacher, _ = load_detector(teacher_checkpoint)
     else:
         teacher, _ = build_model(config.teacher, num_classes=dataset.num_classes, **sizes)
-    distill = config.distill or DistillConfig()
-    distiller = Distiller(
-        student,
-        teacher,
-        loss=distill.loss,
-        weight=distill.weight,
-        levels=distill.levels,
-        pairing=distill.pairing,
-        max_levels=distill.max_levels,
-        connectors=distill.connectors,
-        resize=distill.resize,
-    )
+    distiller = build_distiller(student, teacher, config.distill)
     if distiller.connectors:
         stored = load_checkpoint(student_checkpoint) if student_checkpoint is not None else {}
         trained = stored.get("extra", {}).get("connectors") if stored.get("kind") == "run" else None

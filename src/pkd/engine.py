@@ -56,6 +56,7 @@ from pkd.models import build_detector, count_parameters, detect_norm
 __all__ = [
     "COCO_METRICS",
     "TrainState",
+    "build_distiller",
     "build_model",
     "build_optimizer",
     "build_scheduler",
@@ -150,6 +151,24 @@ def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_detector(meta["detector"], num_classes=meta["num_classes"], **meta["build"])
     model.load_state_dict(checkpoint["model" if checkpoint["kind"] == "run" else "state_dict"])
     return model.eval(), meta
+
+
+def build_distiller(student: nn.Module, teacher: nn.Module, config: DistillConfig | None) -> Distiller:
+    """The :class:`~pkd.distiller.Distiller` a ``distill`` config section describes (defaults if None)."""
+    config = config or DistillConfig()
+    return Distiller(
+        student,
+        teacher,
+        loss=config.loss,
+        weight=config.weight,
+        levels=config.levels,
+        pairing=config.pairing,
+        max_levels=config.max_levels,
+        connectors=config.connectors,
+        distill_until=config.distill_until,
+        warmup_steps=config.warmup_steps,
+        resize=config.resize,
+    )
 
 
 def build_optimizer(parameters: Iterable[nn.Parameter], config) -> torch.optim.Optimizer:
@@ -505,20 +524,7 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
     model: nn.Module = student
     if config.teacher is not None:
         teacher, teacher_meta = build_model(config.teacher, num_classes=train_set.num_classes, **sizes)
-        distill = config.distill or DistillConfig()
-        model = Distiller(
-            student,
-            teacher,
-            loss=distill.loss,
-            weight=distill.weight,
-            levels=distill.levels,
-            pairing=distill.pairing,
-            max_levels=distill.max_levels,
-            connectors=distill.connectors,
-            distill_until=distill.distill_until,
-            warmup_steps=distill.warmup_steps,
-            resize=distill.resize,
-        )
+        model = build_distiller(student, teacher, config.distill)
         meta["teacher"] = teacher_meta["detector"]
     if info.distributed and device.type == "cuda" and meta["build"]["norm"] == "batch":
         student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
