@@ -4,12 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.pkd-installed
 
-.PHONY: test test-all demo bench lint clean
+.PHONY: test test-all demo demo-quick bench lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pkd demo
+
+demo-quick: $(STAMP)
+	$(BIN)/pkd demo --quick
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not gpu"
