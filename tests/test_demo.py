@@ -29,7 +29,7 @@ def test_quick_demo_writes_the_report_table_and_plot(quick_demo):
         assert (runs / name / "results.json").is_file() and (runs / name / "curves.png").is_file()
     distill = json.loads((runs / "pkd" / "results.json").read_text())
     assert distill["steps"] == PRESETS["quick"].student_train["steps"]
-    assert any("training fasterrcnn" in m for m in messages)
+    assert any("teacher: fasterrcnn_resnet18_fpn" in m for m in messages)
 
 
 def test_second_call_reuses_finished_runs(quick_demo):

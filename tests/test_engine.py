@@ -184,6 +184,14 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_digits, tmp_path, monkeyp
     assert steps == [2, 4, 6]
 
 
+def test_resuming_with_another_config_is_an_error(teacher_run, tiny_digits):
+    run, _ = teacher_run
+    config = tiny_config(tiny_digits, run, lr=0.02)
+    config.model.name = "fasterrcnn_resnet18_fpn"
+    with pytest.raises(ValueError, match=r"another config \(train.lr: 0.01 -> 0.02\).*--no-resume"):
+        fit(config, progress=False)
+
+
 @pytest.mark.slow
 def test_sigkill_while_checkpointing_resumes_from_the_last_good_one(tiny_digits, tmp_path):
     config = tiny_config(tiny_digits, tmp_path / "run", steps=40, eval_every=40, checkpoint_every=1)

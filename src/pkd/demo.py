@@ -98,12 +98,28 @@ def _config(preset: Preset, digits, output: Path, model: dict, train: dict, seed
     return config_from_dict(values)
 
 
-def _finished(run_dir: Path, config) -> bool:
-    """A run folder whose results exist for exactly this config."""
+def _same_config(run_dir: Path, config) -> bool:
     from pkd.config import config_to_dict, load_config
 
-    results, saved = run_dir / "results.json", run_dir / "config.yaml"
-    return results.is_file() and saved.is_file() and config_to_dict(load_config(saved)) == config_to_dict(config)
+    saved = run_dir / "config.yaml"
+    return saved.is_file() and config_to_dict(load_config(saved)) == config_to_dict(config)
+
+
+def _run(run_dir: Path, config, label: str, progress: bool | None, log: Callable[[str], None]) -> None:
+    """Trains unless this exact run is finished; resumes an interrupted one; restarts a changed one."""
+    from pkd.engine import fit
+
+    same = _same_config(run_dir, config)
+    if same and (run_dir / "results.json").is_file():
+        log(f"      {label}: reusing {run_dir}")
+        return
+    if same and (run_dir / "last.pt").is_file():
+        log(f"      {label}: resuming {run_dir}")
+    elif (run_dir / "last.pt").is_file():
+        log(f"      {label}: the preset changed since {run_dir} was trained; starting over")
+    else:
+        log(f"      {label}")
+    fit(config, resume=same, progress=progress)
 
 
 def _inference_ms(model, dataset, device, count: int = 20) -> float:
@@ -170,7 +186,7 @@ def run_demo(
     import torch
 
     from pkd.data import CocoDetection, eval_transforms, make_digits_dataset
-    from pkd.engine import evaluate, fit, load_detector
+    from pkd.engine import evaluate, load_detector
     from pkd.models import count_parameters
     from pkd.plots import plot_runs
 
@@ -186,11 +202,8 @@ def run_demo(
 
     if teacher is None:
         teacher_config = _config(settings, digits, runs / "teacher", settings.teacher, settings.teacher_train, seed=0)
-        if _finished(runs / "teacher", teacher_config):
-            log(f"[2/4] teacher: reusing {runs / 'teacher'}")
-        else:
-            log(f"[2/4] teacher: training {settings.teacher['name']} ({settings.teacher_train['steps']} steps)")
-            fit(teacher_config, progress=progress)
+        log(f"[2/4] teacher: {settings.teacher['name']} ({settings.teacher_train['steps']} steps)")
+        _run(runs / "teacher", teacher_config, "teacher", progress, log)
         teacher = runs / "teacher" / "best.pt"
     else:
         log(f"[2/4] teacher: {teacher}")
@@ -204,11 +217,7 @@ def run_demo(
         if name != "alone":
             sections = {"teacher": {"weights": str(teacher)}, "distill": settings.distill[name]}
         config = _config(settings, digits, run_dir, settings.student, settings.student_train, seed, **sections)
-        if _finished(run_dir, config):
-            log(f"      {RUN_LABELS[name]}: reusing {run_dir}")
-        else:
-            log(f"      {RUN_LABELS[name]}")
-            fit(config, progress=progress)
+        _run(run_dir, config, RUN_LABELS[name], progress, log)
         run_dirs[name] = run_dir
 
     log("[4/4] report: test-split mAP, parameters, inference time")

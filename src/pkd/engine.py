@@ -456,6 +456,26 @@ def _datasets(config: Config, label_map=None):
     return train_set, evaluation
 
 
+# Keys that may change between an interrupted run and its resumption without changing the result.
+_RESUMABLE_CHANGES = {"output", "train.device", "train.log_every", "data.workers", "train.checkpoint_every"}
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(values, dict):
+        return {prefix: values}
+    flat = {}
+    for key, value in values.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """Differences between two plain configs that would change a run, as ``key: old -> new``."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = [k for k in dict.fromkeys([*old, *new]) if k not in _RESUMABLE_CHANGES]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
 class RunInterrupted(KeyboardInterrupt):
     """Training stopped by Ctrl-C after saving ``last.pt``; run the same command to resume."""
 
@@ -492,6 +512,12 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
     last = run_dir / "last.pt"
     if resume and last.is_file():
         checkpoint = load_checkpoint(last)
+        changes = config_changes(checkpoint.get("config", {}), config_to_dict(config))
+        if changes:
+            raise ValueError(
+                f"{last} was written with another config ({'; '.join(changes[:5])}); resume with the same config, "
+                "start over with --no-resume (resume=False), or choose another output folder"
+            )
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
