@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "Preset", "run_demo"]
+__all__ = ["PRESETS", "Preset", "demo_dataset", "demo_teacher", "get_preset", "run_demo", "train_student"]
 
 
 @dataclass(frozen=True)
@@ -161,6 +161,60 @@ class DemoReport:
         return "\n".join(lines)
 
 
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def demo_dataset(settings: Preset, workdir: Path, log: Callable[[str], None] = print):
+    """The preset's digits dataset under ``<workdir>/data`` (generated once, then reused)."""
+    from pkd.data import make_digits_dataset
+
+    tag = "-".join(str(settings.data[k]) for k in ("train_images", "val_images", "test_images"))
+    log(f"[1/4] dataset: handwritten digits on photographs ({tag.replace('-', '/')} train/val/test images)")
+    return make_digits_dataset(Path(workdir) / "data" / f"digits-{tag}", seed=0, **settings.data)
+
+
+def demo_teacher(
+    settings: Preset,
+    digits,
+    workdir: Path,
+    *,
+    teacher: str | Path | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """The teacher checkpoint: ``teacher`` if given, else the preset's teacher, trained once and reused."""
+    if teacher is not None:
+        log(f"[2/4] teacher: {teacher}")
+        return Path(teacher)
+    run_dir = Path(workdir) / "runs" / settings.name / "teacher"
+    config = _config(settings, digits, run_dir, settings.teacher, settings.teacher_train, seed=0)
+    log(f"[2/4] teacher: {settings.teacher['name']} ({settings.teacher_train['steps']} steps)")
+    _run(run_dir, config, "teacher", progress, log)
+    return run_dir / "best.pt"
+
+
+def train_student(
+    settings: Preset,
+    digits,
+    run_dir: Path,
+    *,
+    seed: int,
+    distill: dict[str, Any] | None = None,
+    teacher: str | Path | None = None,
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+    label: str = "student",
+) -> Path:
+    """One student run of the preset, alone (``distill=None``) or distilled from ``teacher``."""
+    sections = {} if distill is None else {"teacher": {"weights": str(teacher)}, "distill": dict(distill)}
+    config = _config(settings, digits, run_dir, settings.student, settings.student_train, seed, **sections)
+    _run(run_dir, config, label, progress, log)
+    return run_dir
+
+
 def run_demo(
     preset: str = "default",
     workdir: str | Path = "demo",
@@ -185,39 +239,34 @@ def run_demo(
     """
     import torch
 
-    from pkd.data import CocoDetection, eval_transforms, make_digits_dataset
+    from pkd.data import CocoDetection, eval_transforms
     from pkd.engine import evaluate, load_detector
     from pkd.models import count_parameters
     from pkd.plots import plot_runs
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    settings = PRESETS[preset]
+    settings = get_preset(preset)
     started = time.time()
     workdir = Path(workdir)
     runs = workdir / "runs" / preset
-    tag = "-".join(str(settings.data[k]) for k in ("train_images", "val_images", "test_images"))
-    log(f"[1/4] dataset: handwritten digits on photographs ({tag.replace('-', '/')} train/val/test images)")
-    digits = make_digits_dataset(workdir / "data" / f"digits-{tag}", seed=0, **settings.data)
-
-    if teacher is None:
-        teacher_config = _config(settings, digits, runs / "teacher", settings.teacher, settings.teacher_train, seed=0)
-        log(f"[2/4] teacher: {settings.teacher['name']} ({settings.teacher_train['steps']} steps)")
-        _run(runs / "teacher", teacher_config, "teacher", progress, log)
-        teacher = runs / "teacher" / "best.pt"
-    else:
-        log(f"[2/4] teacher: {teacher}")
-
+    digits = demo_dataset(settings, workdir, log)
+    teacher = demo_teacher(settings, digits, workdir, teacher=teacher, progress=progress, log=log)
     steps = settings.student_train["steps"]
     log(f"[3/4] students: {settings.student['name']} alone, + PKD, + MSE ({steps} steps each)")
     run_dirs = {}
     for name in ("alone", *settings.distill):
         run_dir = runs / (name if seed == 0 else f"{name}-seed{seed}")
-        sections = {}
-        if name != "alone":
-            sections = {"teacher": {"weights": str(teacher)}, "distill": settings.distill[name]}
-        config = _config(settings, digits, run_dir, settings.student, settings.student_train, seed, **sections)
-        _run(run_dir, config, RUN_LABELS[name], progress, log)
+        distill = settings.distill.get(name)
+        train_student(
+            settings,
+            digits,
+            run_dir,
+            seed=seed,
+            distill=distill,
+            teacher=teacher,
+            progress=progress,
+            log=log,
+            label=RUN_LABELS[name],
+        )
         run_dirs[name] = run_dir
 
     log("[4/4] report: test-split mAP, parameters, inference time")
@@ -225,15 +274,14 @@ def run_demo(
     test_set = CocoDetection(digits.annotations["test"], digits.images["test"], transforms=eval_transforms())
     rows: dict[str, dict[str, float]] = {}
     teacher_model, _ = load_detector(teacher)
-    cache = Path(teacher).parent / "demo_test.json"
-    if cache.is_file():
-        teacher_metrics = json.loads(cache.read_text())
+    own_results = Path(teacher).parent / "results.json"
+    if Path(teacher).name == "best.pt" and own_results.is_file() and "test" in json.loads(own_results.read_text()):
+        teacher_metrics = json.loads(own_results.read_text())["test"]  # a run's best.pt: measured at its end
     else:
         from pkd.data import build_loader
 
         loader = build_loader(test_set, batch_size=8, train=False, workers=0, distributed=False, seed=0)
         teacher_metrics = evaluate(teacher_model, loader, device)
-        cache.write_text(json.dumps(teacher_metrics, indent=2) + "\n")
     rows["teacher"] = {
         **teacher_metrics,
         "parameters": count_parameters(teacher_model),
