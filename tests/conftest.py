@@ -111,3 +111,15 @@ def build_coco(root: Path) -> CocoFiles:
 def coco_files(tmp_path: Path) -> CocoFiles:
     """A small clean COCO dataset in this test's ``tmp_path`` (see :func:`build_coco`)."""
     return build_coco(tmp_path / "coco")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``gpu`` are skipped on machines without CUDA."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -388,3 +388,22 @@ def test_checkpoint_summary():
     )
     assert checkpoint_summary(run_checkpoint(best_metric=None, step=None)).endswith("epoch 2, no best metric yet")
     assert checkpoint_summary({"kind": "export", "meta": META}) == "exported student: fcos_resnet50_fpn, 3 classes"
+
+
+def test_export_in_half_precision_loads_into_a_float32_model(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    checkpoint = {
+        "kind": "run",
+        "model": model.state_dict(),
+        "meta": {"detector": "d", "num_classes": 2, "build": {}, "label_map": {1: 1}, "class_names": {1: "a"}},
+    }
+    path = export_student(checkpoint, tmp_path / "half.pt", half=True)
+    state = torch.load(path, weights_only=True)["state_dict"]
+    assert state["0.weight"].dtype == torch.float16
+    assert state["1.num_batches_tracked"].dtype == torch.int64
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    fresh.load_state_dict(state)
+    assert fresh[0].weight.dtype == torch.float32
+    assert torch.allclose(fresh[0].weight, model[0].weight, atol=1e-3)
+    full = export_student(checkpoint, tmp_path / "full.pt")
+    assert path.stat().st_size < full.stat().st_size

@@ -291,3 +291,13 @@ def test_ddp_two_cpu_processes_train_and_evaluate(tiny_digits, tmp_path):
 def test_results_file(teacher_run):
     run, results = teacher_run
     assert json.loads((Path(run) / "results.json").read_text()) == results
+
+
+@pytest.mark.gpu
+def test_distill_on_cuda_with_mixed_precision(teacher_run, tiny_digits, tmp_path):
+    teacher, _ = teacher_run
+    config = tiny_config(tiny_digits, tmp_path / "cuda", teacher=teacher / "best.pt", device="cuda", amp=True)
+    results = fit(config, progress=False)
+    checkpoint = load_checkpoint(tmp_path / "cuda" / "last.pt")
+    assert results["steps"] == 6 and checkpoint["scaler"] is not None
+    assert all(value.device.type == "cpu" for value in load_checkpoint(tmp_path / "cuda" / "best.pt")["model"].values())

@@ -352,3 +352,17 @@ def test_compiled_path_matches_eager():
     compiled, (compiled_grad,) = grad_of(lambda a, b: pkd_loss(a, b, compiled=True), [s], [t])
     assert torch.allclose(compiled, value, rtol=1e-5)
     assert torch.allclose(compiled_grad, grad, atol=2e-6 * grad.abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_cpu(dtype):
+    generator = torch.Generator().manual_seed(13)
+    s, t = correlated_pair((4, 64, 40, 48), 0.7, dtype=torch.float32, generator=generator, offset=20.0)
+    s, t = s.to(dtype), t.to(dtype)
+    cpu_value, (cpu_grad,) = grad_of(pkd_loss, [s.float()], [t.float()])
+    cuda_value, (cuda_grad,) = grad_of(pkd_loss, [s.cuda()], [t.cuda()])
+    assert cuda_grad.dtype == dtype and cuda_grad.is_cuda
+    assert torch.allclose(cuda_value.cpu(), cpu_value, rtol=1e-4)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3 if dtype == torch.float16 else 1e-5
+    assert torch.allclose(cuda_grad.float().cpu(), cpu_grad, atol=tolerance * cpu_grad.abs().max())

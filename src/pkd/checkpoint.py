@@ -492,20 +492,27 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # Export
 
 
-def export_student(checkpoint: Mapping[str, Any], out_path: str | os.PathLike) -> Path:
+def export_student(checkpoint: Mapping[str, Any], out_path: str | os.PathLike, *, half: bool = False) -> Path:
     """Writes the student alone (weights + meta) for inference, atomically.
 
     Everything else in a run checkpoint (optimizer, scheduler, RNG, connectors in ``"extra"``)
     is dropped, and the weights are moved to the CPU so that the file loads anywhere. The file
-    needs no pkd to use::
+    needs no pkd to use: for torchvision's own detectors (the ResNet-50 ones, FPN width 256)::
 
-        state_dict = torch.load(out_path, weights_only=True)["state_dict"]
-        detector = torchvision.models.get_model(meta["detector"], **meta["build"])  # as it was built
-        detector.load_state_dict(state_dict)
+        exported = torch.load(out_path, weights_only=True)
+        detector = torchvision.models.get_model(
+            exported["meta"]["detector"], weights=None, weights_backbone=None,
+            num_classes=exported["meta"]["num_classes"])
+        detector.load_state_dict(exported["state_dict"])
+
+    and for the others (another backbone or FPN width), the torchvision classes assembled as
+    ``pkd.build_detector(meta["detector"], num_classes=..., **meta["build"])`` does.
 
     Args:
         checkpoint: A run checkpoint (as saved or loaded) or an exported one.
         out_path: Destination file.
+        half: Store floating-point tensors as float16 (half the size; ``load_state_dict``
+            converts them back to the model's dtype).
 
     Returns:
         The path written.
@@ -523,7 +530,10 @@ def export_student(checkpoint: Mapping[str, Any], out_path: str | os.PathLike) -
             f"checkpoint to export has weights under {wrapped}: that is a wrapper's state_dict "
             "(Distiller or DDP), not the plain student's; save the student detector's own state_dict"
         )
-    weights = collections.OrderedDict((key, value.detach().cpu()) for key, value in state_dict.items())
+    weights = collections.OrderedDict(
+        (key, value.detach().cpu().half() if half and value.is_floating_point() else value.detach().cpu())
+        for key, value in state_dict.items()
+    )
     # Module versions (e.g. BatchNorm's) that load_state_dict uses to convert old layouts.
     if hasattr(state_dict, "_metadata"):
         weights._metadata = state_dict._metadata

@@ -102,7 +102,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if source.is_dir():
         source = source / f"{args.which}.pt"
     checkpoint = load_checkpoint(source)
-    out = export_student(checkpoint, args.out)
+    out = export_student(checkpoint, args.out, half=args.half)
     print(f"{checkpoint_summary(checkpoint)}\nexported the student to {out}")
     return 0
 
@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run", help="run folder (or a checkpoint file)")
     export.add_argument("--out", required=True, type=Path, help="output file, e.g. student.pt")
     export.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint of the run folder")
+    export.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
     export.set_defaults(handler=cmd_export)
 
     check = commands.add_parser("check-data", help="validate a COCO-format dataset before a long run")
