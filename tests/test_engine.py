@@ -299,5 +299,5 @@ def test_distill_on_cuda_with_mixed_precision(teacher_run, tiny_digits, tmp_path
     config = tiny_config(tiny_digits, tmp_path / "cuda", teacher=teacher / "best.pt", device="cuda", amp=True)
     results = fit(config, progress=False)
     checkpoint = load_checkpoint(tmp_path / "cuda" / "last.pt")
-    assert results["steps"] == 6 and checkpoint["scaler"] is not None
-    assert all(value.device.type == "cpu" for value in load_checkpoint(tmp_path / "cuda" / "best.pt")["model"].values())
+    assert results["steps"] == 6 and checkpoint["scaler"]["scale"] > 0
+    assert torch.isfinite(torch.tensor(results["test"]["mAP"]))
