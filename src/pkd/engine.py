@@ -603,7 +603,8 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
     if info.is_main:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=str(run_dir))
+        # purge_step drops events a killed run logged after the checkpoint it resumes from.
+        writer = SummaryWriter(log_dir=str(run_dir), purge_step=state.step if checkpoint is not None else None)
         if checkpoint is None:
             metrics_path.unlink(missing_ok=True)
         else:  # drop records a killed run wrote after its last checkpoint
