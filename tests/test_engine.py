@@ -75,6 +75,7 @@ def test_train_writes_checkpoints_metrics_and_events(teacher_run):
     assert [r["type"] for r in records].count("test") == 1
     train = next(r for r in records if r["type"] == "train")
     assert {"loss", "lr", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(train)
+    assert train["skipped_samples"] == 0 and train["skipped_steps"] == 0
     assert set(COCO_METRICS) <= set(records[-1])
     assert results["steps"] == 6 and set(results["test"]) == set(COCO_METRICS)
     checkpoint = load_checkpoint(run / "last.pt")
@@ -192,7 +193,6 @@ def test_resuming_with_another_config_is_an_error(teacher_run, tiny_digits):
         fit(config, progress=False)
 
 
-@pytest.mark.slow
 def test_sigkill_while_checkpointing_resumes_from_the_last_good_one(tiny_digits, tmp_path):
     config = tiny_config(tiny_digits, tmp_path / "run", steps=40, eval_every=40, checkpoint_every=1)
     path = tmp_path / "config.yaml"

@@ -664,7 +664,9 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
             state.window.clear()
             lr = optimizer.param_groups[0]["lr"]
             if info.is_main:
-                _log_line(metrics_path, {"type": "train", "step": state.step, "epoch": state.epoch, "lr": lr, **window})
+                record = {"type": "train", "step": state.step, "epoch": state.epoch, "lr": lr, **window}
+                record.update(skipped_steps=state.skipped_steps, skipped_samples=state.skipped_samples)
+                _log_line(metrics_path, record)
                 for name, value in window.items():
                     writer.add_scalar(f"train/{name}", value, state.step)
                 writer.add_scalar("train/lr", lr, state.step)
