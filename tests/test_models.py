@@ -144,3 +144,18 @@ def test_backbone_weights_from_a_classification_network(tmp_path):
 def test_torchvision_weights_only_for_its_own_networks():
     with pytest.raises(ValueError, match="resnet50 FPN detectors only"):
         build_detector("retinanet_resnet18_fpn", weights="DEFAULT", **TINY)
+
+
+def test_fcos_from_scratch_starts_with_live_box_regression(tmp_path):
+    """A regression bias of 0 lets the ReLU-ed box regression die (GIoU loss stuck at 1.0)."""
+    model = build_detector("fcos_resnet18_fpn", **TINY)
+    assert torch.all(model.head.regression_head.bbox_reg.bias == 1.0)
+    # Weights that are loaded are left as they are.
+    torch.nn.init.zeros_(model.head.regression_head.bbox_reg.bias)
+    torch.save(model.state_dict(), tmp_path / "fcos.pt")
+    loaded = build_detector("fcos_resnet18_fpn", weights=tmp_path / "fcos.pt", **TINY)
+    assert torch.all(loaded.head.regression_head.bbox_reg.bias == 0.0)
+    images = [torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 40.0, 50.0]]), "labels": torch.tensor([1])}]
+    losses = build_detector("fcos_resnet18_fpn", **TINY)(images, targets)
+    assert losses["bbox_regression"] < 0.99  # boxes, not points: the loss has a gradient
