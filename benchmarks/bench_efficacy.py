@@ -9,8 +9,11 @@ prints:
   convergence);
 - the wall time.
 
-Runs live in ``<workdir>/runs/<preset>/efficacy/`` and are reused when finished (resumed when
-interrupted), so a sweep can be extended without redoing what is done.
+Runs that are exactly the demo's (student alone, and MSE / PKD at the preset's weights with
+stride pairing and the preset's teacher) share the demo's folders, ``<workdir>/runs/<preset>/``;
+the others live in ``<workdir>/runs/<preset>/efficacy/``. Finished runs are reused (interrupted
+ones resumed), so ``pkd demo`` counts as seed 0 and a sweep can be extended without redoing
+what is done.
 
     python benchmarks/bench_efficacy.py                        # default preset, 3 seeds
     python benchmarks/bench_efficacy.py --alphas 0.5 1 2 4 6   # the alpha sweep
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from pkd.demo import demo_dataset, demo_teacher, get_preset, train_student
+from pkd.demo import demo_dataset, demo_teacher, get_preset, student_run_dir, train_student
 
 
 def validation_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -69,11 +72,18 @@ def main() -> None:
     mse_section = settings.distill["mse"]
     alphas = args.alphas or [pkd_section["weight"]]
     variants: dict[str, dict | None] = {"alone": None}
+    demo_runs = {"alone": "alone"}  # variants that are exactly the demo's runs reuse their folders
     if not args.no_mse:
         weight = args.mse_weight if args.mse_weight is not None else mse_section["weight"]
         variants[f"mse w={weight:g}"] = {**mse_section, "weight": weight, "pairing": args.pairing}
+        if weight == mse_section["weight"]:
+            demo_runs[f"mse w={weight:g}"] = "mse"
     for alpha in alphas:
         variants[f"pkd alpha={alpha:g}"] = {**pkd_section, "weight": alpha, "pairing": args.pairing}
+        if alpha == pkd_section["weight"]:
+            demo_runs[f"pkd alpha={alpha:g}"] = "pkd"
+    if args.teacher is not None or args.pairing != "stride":
+        demo_runs = {"alone": "alone"}
 
     root = args.workdir / "runs" / args.preset / "efficacy"
     if args.teacher is not None:
@@ -81,8 +91,11 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in variants}
     for seed in args.seeds:
         for name, distill in variants.items():
-            folder = name.replace(" ", "_").replace("=", "") + ("" if args.pairing == "stride" else "_index")
-            run_dir = root / f"{folder}_seed{seed}"
+            if name in demo_runs:
+                run_dir = student_run_dir(args.workdir, args.preset, demo_runs[name], seed)
+            else:
+                folder = name.replace(" ", "_").replace("=", "") + ("" if args.pairing == "stride" else "_index")
+                run_dir = root / f"{folder}_seed{seed}"
             train_student(
                 settings, digits, run_dir, seed=seed, distill=distill, teacher=teacher, label=f"{name}, seed {seed}"
             )

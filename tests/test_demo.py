@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pkd.demo import PRESETS, run_demo
+from pkd.demo import PRESETS, run_demo, student_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,23 @@ def test_quick_demo_writes_the_report_table_and_plot(quick_demo):
         assert (runs / name / "results.json").is_file() and (runs / name / "curves.png").is_file()
     distill = json.loads((runs / "pkd" / "results.json").read_text())
     assert distill["steps"] == PRESETS["quick"].student_train["steps"]
-    assert any("teacher: fasterrcnn_resnet18_fpn" in m for m in messages)
+    assert any(f"teacher: {PRESETS['quick'].teacher['name']}" in m for m in messages)
+    assert set(report.stage_times_s) == {"dataset", "teacher", "students", "report"}
+    assert "Wall time of this `pkd demo` call" in text and "students" in text
+
+
+def test_student_run_dirs_are_named_by_seed(tmp_path):
+    assert student_run_dir(tmp_path, "default", "pkd", 0) == tmp_path / "runs" / "default" / "pkd"
+    assert student_run_dir(tmp_path, "default", "pkd", 2) == tmp_path / "runs" / "default" / "pkd-seed2"
+
+
+def test_default_preset_is_heterogeneous():
+    from pkd.models import parse_detector_name
+
+    default = PRESETS["default"]
+    teacher_family = parse_detector_name(default.teacher["name"])[0]
+    student_family = parse_detector_name(default.student["name"])[0]
+    assert teacher_family != student_family
 
 
 def test_second_call_reuses_finished_runs(quick_demo):

@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``pkd`` console script."""
     args = build_parser().parse_args(argv)
+    from pkd.runtime import tune_malloc
+
+    tune_malloc()  # before torch allocates anything; see pkd.runtime
     from pkd.checkpoint import CheckpointError
     from pkd.config import ConfigError
     from pkd.engine import RunInterrupted

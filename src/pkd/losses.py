@@ -191,6 +191,10 @@ _COMPILED: dict[str, Callable] = {}
 def _compiled(fn: Callable) -> Callable:
     if fn.__name__ not in _COMPILED:
         # Shapes are specialised: each new feature-map shape compiles once (tens of seconds on CPU).
+        # Five FPN levels at a few input sizes exceed dynamo's default of 8 specialisations per
+        # function, after which it silently falls back to slow unfused code; allow more.
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, 64)
         _COMPILED[fn.__name__] = torch.compile(fn, dynamic=False)
     return _COMPILED[fn.__name__]
 

@@ -397,4 +397,3 @@ def _start_fcos_regression_alive(model: FCOS, bias: float = 1.0) -> None:
     """
     with torch.no_grad():
         model.head.regression_head.bbox_reg.bias.fill_(bias)
-
