@@ -57,7 +57,7 @@ _STUDENT = {"name": "retinanet_resnet18_fpn", "fpn_channels": 128}
 _ADAMW = {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.05, "schedule": "cosine", "clip_grad_norm": 10.0}
 _DISTILL = {"pkd": {"loss": "pkd", "weight": 2.0}, "mse": {"loss": "mse", "weight": 0.02}}
 
-#: The demo's presets. ``default`` fits a 2-core CPU in about 15 minutes once the teacher exists.
+#: The demo's presets. ``default``: 15-17.5 min on a 2-core CPU once the teacher exists (24 min, once).
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
