@@ -15,6 +15,10 @@ Measurements are interleaved round by round and the medians compared, so slow dr
 shared machine affect all of them alike.
 
     python benchmarks/bench_distill_step.py [--rounds 5] [--batch 4] [--size 512]
+    python benchmarks/bench_distill_step.py --allocator default   # glibc's defaults
+
+By default glibc's allocator is tuned as the ``pkd`` command tunes it (pkd.runtime.tune_malloc);
+with glibc's defaults the distillation step's larger peak memory costs extra page faults.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from pkd.distiller import Distiller
 from pkd.models import build_detector
+from pkd.runtime import tune_malloc
 
 
 def make_batch(batch: int, size: int, generator: torch.Generator):
@@ -45,7 +50,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--allocator", choices=("tuned", "default"), default="tuned", help="glibc malloc settings")
     args = parser.parse_args()
+    tuned = args.allocator == "tuned" and tune_malloc()
 
     torch.manual_seed(0)
     sizes = dict(num_classes=11, min_size=args.size, max_size=args.size)
@@ -95,6 +102,7 @@ def main() -> None:
     median = {name: statistics.median(values) * 1e3 for name, values in times.items()}
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.size}x{args.size}")
+    print(f"allocator: {'tuned (pkd.runtime.tune_malloc)' if tuned else 'glibc defaults'}")
     print("Faster R-CNN R50-FPN teacher, RetinaNet R18-FPN student, PKD on strides 8-64\n")
     print("| measurement | median ms |")
     print("|---|---|")
