@@ -73,17 +73,16 @@ def main() -> None:
     alphas = args.alphas or [pkd_section["weight"]]
     variants: dict[str, dict | None] = {"alone": None}
     demo_runs = {"alone": "alone"}  # variants that are exactly the demo's runs reuse their folders
+    demo_setup = args.teacher is None and args.pairing == "stride"
     if not args.no_mse:
         weight = args.mse_weight if args.mse_weight is not None else mse_section["weight"]
         variants[f"mse w={weight:g}"] = {**mse_section, "weight": weight, "pairing": args.pairing}
-        if weight == mse_section["weight"]:
+        if demo_setup and weight == mse_section["weight"]:
             demo_runs[f"mse w={weight:g}"] = "mse"
     for alpha in alphas:
         variants[f"pkd alpha={alpha:g}"] = {**pkd_section, "weight": alpha, "pairing": args.pairing}
-        if alpha == pkd_section["weight"]:
+        if demo_setup and alpha == pkd_section["weight"]:
             demo_runs[f"pkd alpha={alpha:g}"] = "pkd"
-    if args.teacher is not None or args.pairing != "stride":
-        demo_runs = {"alone": "alone"}
 
     root = args.workdir / "runs" / args.preset / "efficacy"
     if args.teacher is not None:

@@ -21,7 +21,6 @@ on CUDA it is torch.cuda.max_memory_allocated.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import multiprocessing
 import statistics
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from pkd.losses import pkd_loss
+from pkd.runtime import M_MMAP_MAX, M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD, TUNED_MALLOC, mallopt
 
 STRIDES = (8, 16, 32, 64, 128)
 
@@ -63,20 +63,10 @@ def malloc_mode(mode: str) -> None:
     so large blocks are reused from the heap without page faults, as in a long training process
     (with glibc's defaults every tensor over 32 MB is a fresh mmap, faulted in page by page).
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
     if mode == "memory":
-        libc.mallopt(M_MMAP_MAX, 65536)
-        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 * 1024)
-        libc.mallopt(M_TOP_PAD, 0)
+        mallopt(((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 64 * 1024), (M_TRIM_THRESHOLD, 64 * 1024), (M_TOP_PAD, 0)))
     else:
-        libc.mallopt(M_MMAP_MAX, 0)
-        libc.mallopt(M_TRIM_THRESHOLD, 2**30)
-        libc.mallopt(M_TOP_PAD, 64 * 2**20)
+        mallopt(TUNED_MALLOC)  # what the pkd command runs with
 
 
 def _rss_field(name: str) -> int:

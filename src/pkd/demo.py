@@ -264,7 +264,6 @@ def run_demo(
     from pkd.plots import plot_runs
 
     settings = get_preset(preset)
-    started = time.time()
     workdir = Path(workdir)
     stage_times: dict[str, float] = {}
     mark = time.time()
@@ -326,7 +325,8 @@ def run_demo(
         }
     plot = plot_runs(list(run_dirs.values()), workdir / f"map_{preset}.png", labels=[RUN_LABELS[n] for n in run_dirs])
     stage_done("report")
-    report = DemoReport(preset, rows, workdir / "report.md", plot, round(time.time() - started, 1), stage_times)
+    wall_time = round(sum(stage_times.values()), 1)
+    report = DemoReport(preset, rows, workdir / "report.md", plot, wall_time, stage_times)
     _write_report(report, settings, run_dirs, teacher)
     return report
 

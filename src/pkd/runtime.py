@@ -11,13 +11,31 @@ large blocks in the heap instead (see ``benchmarks/bench_malloc.py`` and
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
+from collections.abc import Iterable
 
-__all__ = ["tune_malloc"]
+__all__ = ["TUNED_MALLOC", "mallopt", "tune_malloc"]
 
 # mallopt parameter numbers from glibc's <malloc.h>.
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
+
+#: What :func:`tune_malloc` sets: no mmap-backed blocks, trim above 1 GiB, grow by 64 MiB.
+TUNED_MALLOC = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
+
+
+def mallopt(options: Iterable[tuple[int, int]]) -> bool:
+    """Calls the C library's ``mallopt(option, value)`` for each pair, unconditionally.
+
+    Returns:
+        Whether every call succeeded (False where the C library has no ``mallopt``).
+    """
+    try:
+        function = ctypes.CDLL(None).mallopt  # the C library this process already runs on
+    except (OSError, AttributeError):  # macOS and others: no mallopt
+        return False
+    # A list, not a generator: every option is set even after one fails. musl's mallopt is a
+    # stub that returns 0, so it reports False.
+    return all([function(option, value) == 1 for option, value in options])
 
 
 def tune_malloc() -> bool:
@@ -36,15 +54,4 @@ def tune_malloc() -> bool:
         return False
     if any(key.startswith("MALLOC_") for key in os.environ) or "GLIBC_TUNABLES" in os.environ:
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl, macOS: no mallopt
-        return False
-    return all(
-        mallopt(option, value) == 1
-        for option, value in ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20))
-    )
+    return mallopt(TUNED_MALLOC)
