@@ -1,24 +1,28 @@
-"""Does PKD help? The demo's comparison over several seeds, with sweeps.
+"""Does distillation help, and which loss? The demo's comparison over seeds, with weight sweeps.
 
-Trains the demo preset's student alone, with plain MSE feature imitation, and with PKD (one
-run per alpha in ``--alphas``), for each seed in ``--seeds``, from the same teacher, and
-prints:
+Trains the demo preset's student alone and with each of the preset's feature losses (PKD, MSE,
+CWD) from the same teacher, and prints:
 
-- mean +- std over seeds of the test-split mAP (best validation checkpoint of each run);
-- mean validation mAP at 25 / 50 / 75 / 100 % of the schedule (the paper claims faster
-  convergence);
+- with ``--sweep F1 F2 ...``: for each loss, one run per weight ``preset weight x F`` on
+  ``--sweep-seed``, and the weight chosen for each loss by the same rule: the highest
+  validation mAP reached during the run (the best checkpoint's). The test split is not looked
+  at. Without ``--sweep``, the preset's weights are used;
+- test-split mAP mean +- std over ``--seeds`` (best validation checkpoint of each run), and
+  the per-seed gains over the student alone and over MSE, mean +- std;
+- mean validation mAP at 25 / 50 / 75 / 100 % of the schedule, and the first step at which
+  each distilled student's validation mAP reaches the student alone's final one (per seed;
+  the paper claims faster convergence);
 - the wall time.
 
-Runs that are exactly the demo's (student alone, and MSE / PKD at the preset's weights with
-stride pairing and the preset's teacher) share the demo's folders, ``<workdir>/runs/<preset>/``;
-the others live in ``<workdir>/runs/<preset>/efficacy/``. Finished runs are reused (interrupted
-ones resumed), so ``pkd demo`` counts as seed 0 and a sweep can be extended without redoing
-what is done.
+Runs are named by what they train (``alone``, ``pkd_w2``, ``mse_w0.01`` ... with ``-seed1``
+for seed 1), in the same folders as the demo's, ``<workdir>/runs/<preset>/``: finished runs
+are reused and interrupted ones resumed, so ``pkd demo`` counts as seed 0 and a sweep can be
+extended without redoing what is done.
 
-    python benchmarks/bench_efficacy.py                        # default preset, 3 seeds
-    python benchmarks/bench_efficacy.py --alphas 0.5 1 2 4 6   # the alpha sweep
-    python benchmarks/bench_efficacy.py --pairing index        # the reference's level pairing
-    python benchmarks/bench_efficacy.py --teacher runs/my_teacher/best.pt
+    python benchmarks/bench_efficacy.py --calibrate          # each loss at init, and the weights equal to PKD's
+    python benchmarks/bench_efficacy.py --sweep 0.5 1 2      # sweep on seed 0, then seeds 0 1 2
+    python benchmarks/bench_efficacy.py --preset scratch     # the random-init regime
+    python benchmarks/bench_efficacy.py --pairing index      # the reference's level pairing
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from pathlib import Path
 
 import torch
 
-from pkd.demo import demo_dataset, demo_teacher, get_preset, student_run_dir, train_student
+from pkd.demo import demo_dataset, demo_teacher, get_preset, run_name, student_run_dir, train_student
+
+FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
 
 def validation_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -46,74 +52,137 @@ def at_fraction(curve: list[tuple[int, float]], fraction: float, total: int) -> 
     return min(curve, key=lambda point: abs(point[0] - target))[1]
 
 
-def mean_std(values: list[float]) -> str:
+def first_step_reaching(curve: list[tuple[int, float]], level: float) -> int | None:
+    """The first evaluated step whose validation mAP is at least ``level`` (None: never)."""
+    return next((step for step, value in curve if value >= level), None)
+
+
+def mean_std(values: list[float], signed: bool = False) -> str:
+    sign = "+" if signed else ""
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:{sign}.3f}"
+    return f"{statistics.mean(values):{sign}.3f} ± {statistics.stdev(values):.3f}"
+
+
+def calibrate(settings, digits, teacher: Path, batches: int = 5, batch_size: int = 8) -> None:
+    """Prints each loss at the student's initialisation and the weight that equals PKD's there.
+
+    On ``batches`` training batches (evaluation-mode resizing, no flips): the loss summed over
+    the distilled level pairs, as the Distiller computes it, averaged over the batches.
+    """
+    from pkd.data import CocoDetection, eval_transforms
+    from pkd.distiller import Distiller
+    from pkd.engine import load_detector
+    from pkd.losses import LOSSES
+    from pkd.models import build_detector
+
+    train_set = CocoDetection(digits.annotations["train"], digits.images["train"], transforms=eval_transforms())
+    torch.manual_seed(0)
+    student_settings = {k: v for k, v in settings.student.items() if k != "name"}
+    size = settings.sizes["eval_size"]
+    student = build_detector(
+        settings.student["name"], num_classes=train_set.num_classes, min_size=size, max_size=size, **student_settings
+    )
+    teacher_model, _ = load_detector(teacher)
+    distiller = Distiller(student, teacher_model, loss="pkd")
+    totals = {name: 0.0 for name in settings.distill}
+    with torch.no_grad():
+        for index in range(batches):
+            images = [train_set[index * batch_size + k][0] for k in range(batch_size)]
+            students, teachers = distiller.paired_features(images)
+            for name, section in settings.distill.items():
+                loss = LOSSES[section["loss"]]
+                totals[name] += sum(float(loss(students[p], teachers[p])) for p in students) / batches
+    pkd_weight = settings.distill["pkd"]["weight"]
+    print(f"\nlosses at initialisation ({batches} batches of {batch_size}, pairs {list(students)}):")
+    for name, value in totals.items():
+        equal = pkd_weight * totals["pkd"] / value
+        print(f"- {name}: {value:.4g}; weight equal to PKD x {pkd_weight:g}: {equal:.3g}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="default", help="demo preset (quick, default, full)")
+    parser.add_argument("--preset", default="default", help="demo preset (quick, default, full, scratch)")
     parser.add_argument("--workdir", type=Path, default=Path("demo"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--alphas", type=float, nargs="+", help="PKD weights (default: the preset's)")
-    parser.add_argument("--mse-weight", type=float, help="MSE imitation weight (default: the preset's)")
+    parser.add_argument("--sweep", type=float, nargs="+", help="factors of each loss's preset weight to try")
+    parser.add_argument("--sweep-seed", type=int, default=0, help="seed of the sweep runs")
+    parser.add_argument("--losses", nargs="+", help="which of the preset's losses (default: all)")
     parser.add_argument("--pairing", default="stride", choices=("stride", "index"))
     parser.add_argument("--teacher", type=Path, help="teacher checkpoint (default: the preset's teacher)")
-    parser.add_argument("--no-mse", action="store_true", help="leave out the MSE baseline")
+    parser.add_argument("--calibrate", action="store_true", help="only print the losses at initialisation")
     args = parser.parse_args()
 
     started = time.time()
     settings = get_preset(args.preset)
     digits = demo_dataset(settings, args.workdir)
     teacher = demo_teacher(settings, digits, args.workdir, teacher=args.teacher)
-    pkd_section = settings.distill["pkd"]
-    mse_section = settings.distill["mse"]
-    alphas = args.alphas or [pkd_section["weight"]]
-    variants: dict[str, dict | None] = {"alone": None}
-    demo_runs = {"alone": "alone"}  # variants that are exactly the demo's runs reuse their folders
-    demo_setup = args.teacher is None and args.pairing == "stride"
-    if not args.no_mse:
-        weight = args.mse_weight if args.mse_weight is not None else mse_section["weight"]
-        variants[f"mse w={weight:g}"] = {**mse_section, "weight": weight, "pairing": args.pairing}
-        if demo_setup and weight == mse_section["weight"]:
-            demo_runs[f"mse w={weight:g}"] = "mse"
-    for alpha in alphas:
-        variants[f"pkd alpha={alpha:g}"] = {**pkd_section, "weight": alpha, "pairing": args.pairing}
-        if demo_setup and alpha == pkd_section["weight"]:
-            demo_runs[f"pkd alpha={alpha:g}"] = "pkd"
+    if args.calibrate:
+        calibrate(settings, digits, teacher)
+        return
+    losses = args.losses or list(settings.distill)
+    suffix = "" if args.pairing == "stride" else "_index"
+    suffix += "" if args.teacher is None else f"_teacher-{args.teacher.parent.name}"
 
-    root = args.workdir / "runs" / args.preset / "efficacy"
-    if args.teacher is not None:
-        root = root / f"teacher-{args.teacher.parent.name}"
-    results: dict[str, list[dict]] = {name: [] for name in variants}
+    def run(distill: dict | None, seed: int) -> dict:
+        run_dir = student_run_dir(args.workdir, args.preset, run_name(distill) + (suffix if distill else ""), seed)
+        label = f"{run_name(distill)}, seed {seed}"
+        train_student(settings, digits, run_dir, seed=seed, distill=distill, teacher=teacher, label=label)
+        results = json.loads((run_dir / "results.json").read_text())
+        return {"test": results["test"], "curve": validation_curve(run_dir), "dir": run_dir}
+
+    chosen: dict[str, dict] = {}
+    sweep_rows: list[str] = []
+    for loss in losses:
+        base = {**settings.distill[loss], "pairing": args.pairing}
+        if not args.sweep:
+            chosen[loss] = base
+            continue
+        candidates = [{**base, "weight": round(base["weight"] * factor, 6)} for factor in args.sweep]
+        scores = [max(v for _, v in run(c, args.sweep_seed)["curve"]) for c in candidates]
+        best = max(range(len(candidates)), key=lambda i: scores[i])
+        chosen[loss] = candidates[best]
+        cells = ", ".join(f"{c['weight']:g}: {s:.3f}" for c, s in zip(candidates, scores, strict=True))
+        sweep_rows.append(f"| {loss} | {cells} | {candidates[best]['weight']:g} |")
+
+    results: dict[str, list[dict]] = {"alone": []}
+    results.update({loss: [] for loss in losses})
     for seed in args.seeds:
-        for name, distill in variants.items():
-            if name in demo_runs:
-                run_dir = student_run_dir(args.workdir, args.preset, demo_runs[name], seed)
-            else:
-                folder = name.replace(" ", "_").replace("=", "") + ("" if args.pairing == "stride" else "_index")
-                run_dir = root / f"{folder}_seed{seed}"
-            train_student(
-                settings, digits, run_dir, seed=seed, distill=distill, teacher=teacher, label=f"{name}, seed {seed}"
-            )
-            test = json.loads((run_dir / "results.json").read_text())["test"]
-            results[name].append({"test": test, "curve": validation_curve(run_dir)})
+        results["alone"].append(run(None, seed))
+        for loss in losses:
+            results[loss].append(run(chosen[loss], seed))
 
     total = settings.student_train["steps"]
-    fractions = (0.25, 0.5, 0.75, 1.0)
     print(f"\npreset {args.preset}: {settings.description}")
     print(f"teacher {teacher}; student {settings.student['name']}, {total} steps; pairing {args.pairing}")
     machine = platform.processor() or platform.machine()
     print(f"seeds {args.seeds}; torch {torch.__version__}, {torch.get_num_threads()} threads, {machine}\n")
-    print("| run | test mAP | test AP50 | " + " | ".join(f"val mAP @{int(f * 100)}%" for f in fractions) + " |")
-    print("|---|---|---|" + "---|" * len(fractions))
+    if sweep_rows:
+        print(f"Sweep on seed {args.sweep_seed} (weight: best validation mAP):\n")
+        print("| loss | weights tried | chosen |\n|---|---|---|")
+        print("\n".join(sweep_rows) + "\n")
+    alone = results["alone"]
+    header = "| run | test mAP | test AP50 | " + " | ".join(f"val mAP @{int(f * 100)}%" for f in FRACTIONS)
+    print(header + " | reaches alone's final val mAP at step |")
+    print("|---|---|---|" + "---|" * len(FRACTIONS) + "---|")
     for name, runs in results.items():
+        label = name if name == "alone" else f"{name} w={chosen[name]['weight']:g}"
         test_map = mean_std([r["test"]["mAP"] for r in runs])
         test_ap50 = mean_std([r["test"]["AP50"] for r in runs])
-        curve = [statistics.mean(at_fraction(r["curve"], f, total) for r in runs) for f in fractions]
-        print(f"| {name} | {test_map} | {test_ap50} | " + " | ".join(f"{v:.3f}" for v in curve) + " |")
+        curve = [statistics.mean(at_fraction(r["curve"], f, total) for r in runs) for f in FRACTIONS]
+        reach = [first_step_reaching(r["curve"], a["curve"][-1][1]) for r, a in zip(runs, alone, strict=True)]
+        reach_text = ", ".join("never" if s is None else str(s) for s in reach)
+        print(f"| {label} | {test_map} | {test_ap50} | " + " | ".join(f"{v:.3f}" for v in curve) + f" | {reach_text} |")
+    print("\nPer-seed test mAP differences (mean ± std over seeds):\n")
+    for name in losses:
+        gain = [r["test"]["mAP"] - a["test"]["mAP"] for r, a in zip(results[name], alone, strict=True)]
+        line = f"- {name} - alone: {mean_std(gain, signed=True)}"
+        if name != "mse" and "mse" in results:
+            over = [r["test"]["mAP"] - m["test"]["mAP"] for r, m in zip(results[name], results["mse"], strict=True)]
+            line += f"; {name} - mse: {mean_std(over, signed=True)}"
+        print(line)
+    per_seed = {name: [round(r["test"]["mAP"], 4) for r in runs] for name, runs in results.items()}
+    print(f"\nPer-seed test mAP ({args.seeds}): {json.dumps(per_seed)}")
     print(f"\nwall time {(time.time() - started) / 60:.1f} min (finished runs are reused, not retrained)")
 
 

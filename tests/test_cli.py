@@ -163,3 +163,39 @@ def test_plot_one_run_and_several(tiny_digits, tmp_path, capsys):
     assert main(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "ab.png")]) == 0
     assert (tmp_path / "ab.png").stat().st_size > 10_000
     assert "mAP of 2 runs" in capsys.readouterr().out
+
+
+def test_timm_backbone_student_distils_exports_loads_plainly_and_inspects(tiny_digits, tmp_path, capsys):
+    from pkd.models import build_detector
+
+    student = {
+        "name": "retinanet_timm_tf_efficientnet_lite0_fpn",
+        "weights_backbone": "efficientnet_lite0.imagenet",
+        "fpn_channels": 64,
+    }
+    config = write_config(
+        tmp_path / "student.yaml",
+        tiny_digits,
+        tmp_path / "student",
+        model=student,
+        teacher={"name": "fasterrcnn_resnet18_fpn", "fpn_channels": 64},  # ImageNet-normalised
+        distill={"loss": "pkd", "weight": 2.0},
+    )
+    assert main(["distill", str(config)]) == 0
+    assert main(["export", str(tmp_path / "student"), "--out", str(tmp_path / "student.pt")]) == 0
+    exported = torch.load(tmp_path / "student.pt", weights_only=True)
+    meta = exported["meta"]
+    assert meta["detector"] == student["name"] and meta["build"]["norm"] == "frozen"
+    # Rebuilt for inference without the weights file: the state_dict carries every weight.
+    plain = build_detector(meta["detector"], num_classes=meta["num_classes"], **meta["build"])
+    plain.load_state_dict(exported["state_dict"], strict=True)
+    assert plain.transform.image_mean == [0.5, 0.5, 0.5]
+    plain.eval()
+    with torch.no_grad():
+        assert set(plain([torch.rand(3, 64, 64)])[0]) == {"boxes", "scores", "labels"}
+    capsys.readouterr()
+
+    out = tmp_path / "inspect"
+    assert main(["inspect", str(config), "--batches", "1", "--out", str(out)]) == 0
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["stages"] == ["s8", "s16", "s32", "s64"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pkd.demo import PRESETS, run_demo, student_run_dir
+from pkd.demo import PRESETS, run_demo, run_name, student_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -17,42 +17,44 @@ def quick_demo(tmp_path_factory):
 
 def test_quick_demo_writes_the_report_table_and_plot(quick_demo):
     workdir, report, messages = quick_demo
-    assert list(report.rows) == ["teacher", "alone", "pkd", "mse"]
+    assert list(report.rows) == ["teacher", "alone", "pkd", "mse", "cwd"]
     for row in report.rows.values():
         assert -1 <= row["mAP"] <= 1 and row["parameters"] > 0 and row["ms_per_image"] > 0
     text = report.report.read_text()
-    for label in ("teacher", "student alone", "student + PKD", "student + MSE", "| run | mAP | AP50"):
+    for label in ("teacher", "student alone", "student + PKD", "student + MSE", "student + CWD", "| run | mAP | AP50"):
         assert label in text
     assert report.plot.is_file() and report.plot.stat().st_size > 10_000
     runs = workdir / "runs" / "quick"
-    for name in ("teacher", "alone", "pkd", "mse"):
+    names = ["teacher", "alone", *(run_name(d) for d in PRESETS["quick"].distill.values())]
+    assert len(set(names)) == 5
+    for name in names:
         assert (runs / name / "results.json").is_file() and (runs / name / "curves.png").is_file()
-    distill = json.loads((runs / "pkd" / "results.json").read_text())
+    distill = json.loads((runs / names[2] / "results.json").read_text())
     assert distill["steps"] == PRESETS["quick"].student_train["steps"]
     assert any(f"teacher: {PRESETS['quick'].teacher['name']}" in m for m in messages)
     assert set(report.stage_times_s) == {"dataset", "teacher", "students", "report"}
     assert "Wall time of this `pkd demo` call" in text and "students" in text
 
 
-def test_student_run_dirs_are_named_by_seed(tmp_path):
-    assert student_run_dir(tmp_path, "default", "pkd", 0) == tmp_path / "runs" / "default" / "pkd"
-    assert student_run_dir(tmp_path, "default", "pkd", 2) == tmp_path / "runs" / "default" / "pkd-seed2"
+def test_student_run_dirs_are_named_by_what_they_train_and_the_seed(tmp_path):
+    assert run_name(None) == "alone" and run_name({"loss": "mse", "weight": 0.005}) == "mse_w0.005"
+    assert student_run_dir(tmp_path, "default", "pkd_w2", 0) == tmp_path / "runs" / "default" / "pkd_w2"
+    assert student_run_dir(tmp_path, "default", "pkd_w2", 2) == tmp_path / "runs" / "default" / "pkd_w2-seed2"
 
 
-def test_default_preset_is_heterogeneous():
-    from pkd.models import parse_detector_name
-
-    default = PRESETS["default"]
-    teacher_family = parse_detector_name(default.teacher["name"])[0]
-    student_family = parse_detector_name(default.student["name"])[0]
-    assert teacher_family != student_family
+def test_default_preset_is_pretrained_and_scratch_is_not():
+    default, scratch = PRESETS["default"], PRESETS["scratch"]
+    assert default.teacher["weights_backbone"] == "efficientnet_lite2.imagenet"
+    assert default.student["weights_backbone"] == "efficientnet_lite0.imagenet"
+    assert "weights_backbone" not in scratch.teacher and "weights_backbone" not in scratch.student
+    assert set(default.distill) == {"pkd", "mse", "cwd"}
 
 
 def test_second_call_reuses_finished_runs(quick_demo):
     workdir, first, _ = quick_demo
     messages = []
     second = run_demo("quick", workdir, progress=False, log=messages.append)
-    assert sum("reusing" in m for m in messages) == 4
+    assert sum("reusing" in m for m in messages) == 5
     assert second.rows["pkd"]["mAP"] == first.rows["pkd"]["mAP"]
 
 

@@ -174,7 +174,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from pkd.demo import run_demo
 
-    preset = "quick" if args.quick else "full" if args.full else "default"
+    preset = "quick" if args.quick else "full" if args.full else "scratch" if args.scratch else args.preset
     report = run_demo(preset, args.workdir, teacher=args.teacher, seed=args.seed, progress=args.progress)
     print(f"\n{report.table()}\n")
     print(f"report: {report.report}\nplot:   {report.plot}\nwall time: {report.wall_time_s / 60:.1f} min")
@@ -234,13 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="PKD on real images on a CPU: a teacher, and a student alone / + PKD / + MSE, with a report",
-        description="Trains (or reuses) a teacher and three students on the embedded digits dataset and "
+        help="PKD on real images on a CPU: a teacher, and a student alone / + PKD / + MSE / + CWD, with a report",
+        description="Trains (or reuses) a teacher and four students on the embedded digits dataset and "
         "reports their test mAP. Reuses and resumes what earlier calls did in --workdir.",
     )
     size = demo.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke run of every stage (minutes; numbers not meaningful)")
     size.add_argument("--full", action="store_true", help="longer student schedule for clearer numbers")
+    size.add_argument(
+        "--scratch", action="store_true", help="the earlier default: teacher and student from random init"
+    )
+    size.add_argument("--preset", default="default", help="a preset by name (quick, default, full, scratch)")
     demo.add_argument("--workdir", type=Path, default=Path("demo"), help="dataset, runs and report (default ./demo)")
     demo.add_argument("--teacher", type=Path, help="use this pkd checkpoint as the teacher instead of training one")
     demo.add_argument("--seed", type=int, default=0, help="seed of the student runs")

@@ -81,16 +81,21 @@ class ModelConfig:
 
     name: str = _field(
         "",
-        doc="torchvision-style name, e.g. fcos_resnet18_fpn; for a teacher, may be left "
-        "empty when weights is a pkd checkpoint (its own name is used)",
+        doc="torchvision-style name, e.g. fcos_resnet18_fpn, or fcos_timm_<timm model>_fpn for a timm "
+        "backbone; for a teacher, may be left empty when weights is a pkd checkpoint (its own name is used)",
     )
-    backbone: str | None = _field(None, doc="override the backbone in the name")
+    backbone: str | None = _field(None, doc="override the backbone in the name (a ResNet or timm_<model>)")
     weights: str | None = _field(None, doc="torchvision weights name or a local .pt/.pth file")
-    weights_backbone: str | None = _field(None, doc="torchvision backbone weights or a local classification .pt")
+    weights_backbone: str | None = _field(
+        None,
+        doc="torchvision backbone weights or a local classification .pt; for timm backbones also timm, "
+        "timm:<tag> (downloads) or offline ImageNet weights: efficientnet_lite0.imagenet (lite1, lite2)",
+    )
     num_classes: int | None = _field(None, minimum=2, doc="classes + background; default: the dataset's")
     fpn_channels: int = _field(256, minimum=1, doc="FPN width")
     norm: str = _field("auto", choices=("auto", "batch", "frozen", "group"), doc="backbone normalisation")
     trainable_backbone_layers: int | None = _field(None, minimum=0, doc="trainable ResNet stages (0-5)")
+    backbone_options: dict[str, Any] = _field({}, doc="extra keyword arguments of timm.create_model (timm backbones)")
     options: dict[str, Any] = _field({}, doc="extra keyword arguments of the torchvision detector class")
 
 

@@ -112,6 +112,7 @@ def build_model(
         "fpn_channels": config.fpn_channels,
         "norm": config.norm,
         "trainable_backbone_layers": config.trainable_backbone_layers,
+        **({"backbone_options": dict(config.backbone_options)} if config.backbone_options else {}),
         **config.options,
     }
     if config.num_classes is not None:

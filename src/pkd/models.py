@@ -29,9 +29,12 @@ from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+from pkd.backbones import TimmBackboneWithFPN, build_timm_body
+
 __all__ = [
     "BACKBONES",
     "FAMILIES",
+    "TIMM_PREFIX",
     "build_detector",
     "count_parameters",
     "detect_norm",
@@ -46,15 +49,36 @@ FAMILIES = {"fasterrcnn": "two-stage", "maskrcnn": "two-stage", "retinanet": "on
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2")
 #: Backbones by name; MobileNetV3 is available for Faster R-CNN through torchvision's own builder.
 BACKBONES = (*RESNETS, "mobilenet_v3_large")
+#: ``timm_<model>`` names any timm model with ``features_only`` (``fcos_timm_tf_efficientnet_lite0_fpn``).
+TIMM_PREFIX = "timm_"
 NORMS = ("auto", "batch", "frozen", "group")
 
 _NAME = re.compile(r"^(?P<family>[a-z]+)_(?P<backbone>.+)_fpn(?P<v2>_v2)?$")
 
 
-def detector_names() -> list[str]:
-    """Every detector name :func:`build_detector` accepts."""
-    names = [f"{family}_{backbone}_fpn{v2}" for family in FAMILIES for backbone in RESNETS for v2 in ("", "_v2")]
+def detector_names(timm_backbones: bool = True) -> list[str]:
+    """Every detector name :func:`build_detector` accepts.
+
+    Args:
+        timm_backbones: include ``<family>_timm_<model>_fpn[_v2]`` for every model of
+            ``timm.list_models()`` (thousands of names; a model without ``features_only``
+            support is an error when built).
+    """
+    backbones: list[str] = list(RESNETS)
+    if timm_backbones:
+        import timm
+
+        backbones += [TIMM_PREFIX + model for model in timm.list_models()]
+    names = [f"{family}_{backbone}_fpn{v2}" for family in FAMILIES for backbone in backbones for v2 in ("", "_v2")]
     return sorted({*names, "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"})
+
+
+def _known_backbone(backbone: str) -> bool:
+    if backbone.startswith(TIMM_PREFIX):
+        import timm
+
+        return backbone.removeprefix(TIMM_PREFIX) in timm.list_models()
+    return backbone in BACKBONES
 
 
 def parse_detector_name(name: str) -> tuple[str, str, bool]:
@@ -64,10 +88,17 @@ def parse_detector_name(name: str) -> tuple[str, str, bool]:
         ValueError: the name is not one of :func:`detector_names`, with the list.
     """
     match = _NAME.match(name)
-    if match is None or name not in detector_names():
+    known = match is not None and match["family"] in FAMILIES
+    if known and match["backbone"].startswith(TIMM_PREFIX):
+        known = _known_backbone(match["backbone"])
+    elif known:
+        known = name in detector_names(timm_backbones=False)
+    if not known:
         raise ValueError(
-            f"unknown detector {name!r}; known detectors: {', '.join(detector_names())} "
-            f"(<family>_<backbone>_fpn[_v2] with family in {list(FAMILIES)} and backbone in {list(BACKBONES)})"
+            f"unknown detector {name!r}; known detectors: {', '.join(detector_names(timm_backbones=False))}, "
+            f"and <family>_timm_<model>_fpn[_v2] for any timm model with features_only "
+            f"(<family>_<backbone>_fpn[_v2] with family in {list(FAMILIES)} and backbone in {list(BACKBONES)} "
+            "or timm_<model>, e.g. fcos_timm_tf_efficientnet_lite0_fpn)"
         )
     backbone = match["backbone"]
     if backbone == "mobilenet_v3_large_320":
@@ -183,6 +214,81 @@ def _resnet_body(
     return body, channels
 
 
+def _fpn_backbone(
+    family: str,
+    backbone: str,
+    v2: bool,
+    *,
+    weights_backbone: str | Path | None,
+    norm: str,
+    fpn_channels: int,
+    trainable_layers: int | None,
+    backbone_options: dict[str, Any] | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Backbone + FPN with the levels ``family`` expects, and detector keyword arguments it implies.
+
+    Two-stage detectors read strides 4-32 and add a max-pooled stride 64; one-stage ones read
+    strides 8-32 and add P6, P7 (from P5, or from C5 for RetinaNet v2), as torchvision's builders.
+    """
+    two_stage = FAMILIES[family] == "two-stage"
+    wanted = (4, 8, 16, 32) if two_stage else (8, 16, 32)
+    detector_kwargs: dict[str, Any] = {}
+    if backbone.startswith(TIMM_PREFIX):
+        if norm == "group":
+            raise ValueError("timm backbones keep their own norms: norm must be auto, batch or frozen")
+        weights: Any = weights_backbone
+        if _is_path(weights_backbone):
+            weights = _read_state_dict(weights_backbone)
+        body, strides, channels_all, pretrained_cfg = build_timm_body(
+            backbone.removeprefix(TIMM_PREFIX),
+            weights,
+            source=str(weights_backbone),
+            frozen_norm=norm == "frozen",
+            trainable_layers=trainable_layers,
+            options=backbone_options,
+        )
+        missing = [s for s in wanted if s not in strides]
+        if missing:
+            timm_model = backbone.removeprefix(TIMM_PREFIX)
+            raise ValueError(
+                f"{family} needs backbone levels at strides {list(wanted)}; timm's {timm_model} "
+                f"has strides {strides} (missing {missing})"
+            )
+        levels = [strides.index(s) for s in wanted]
+        channels = [channels_all[i] for i in levels]
+        # The pixel normalisation the backbone was pretrained with (timm's pretrained config).
+        detector_kwargs = {"image_mean": list(pretrained_cfg["mean"]), "image_std": list(pretrained_cfg["std"])}
+    else:
+        body, resnet_channels = _resnet_body(
+            backbone, weights_backbone, norm, 5 if trainable_layers is None else trainable_layers
+        )
+        channels = resnet_channels[-len(wanted) :]
+    if two_stage:
+        extra = LastLevelMaxPool()
+    elif family == "retinanet" and v2:
+        extra = LastLevelP6P7(channels[-1], fpn_channels)  # P6 from C5, as retinanet v2
+    else:
+        extra = LastLevelP6P7(fpn_channels, fpn_channels)  # P6 from P5
+    # The v2 two-stage models put BatchNorm in the FPN; v1 and the one-stage models have none.
+    fpn_norm = nn.BatchNorm2d if (v2 and two_stage) else None
+    if backbone.startswith(TIMM_PREFIX):
+        channels_last = str(getattr(body, "output_fmt", "NCHW")).upper().endswith("NHWC")
+        fpn_backbone: nn.Module = TimmBackboneWithFPN(
+            body, levels, channels, fpn_channels, extra, fpn_norm, channels_last=channels_last
+        )
+    else:
+        returned = [1, 2, 3, 4][-len(wanted) :]
+        fpn_backbone = BackboneWithFPN(
+            body,
+            return_layers={f"layer{k}": str(i) for i, k in enumerate(returned)},
+            in_channels_list=channels,
+            out_channels=fpn_channels,
+            extra_blocks=extra,
+            norm_layer=fpn_norm,
+        )
+    return fpn_backbone, detector_kwargs
+
+
 def _assemble(
     family: str,
     backbone: str,
@@ -192,29 +298,22 @@ def _assemble(
     weights_backbone: str | Path | None,
     norm: str,
     fpn_channels: int,
-    trainable_layers: int,
+    trainable_layers: int | None,
+    backbone_options: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Builds a detector from torchvision's parts, as its ``*_resnet50_fpn[_v2]`` builder does."""
-    body, channels = _resnet_body(backbone, weights_backbone, norm, trainable_layers)
-    two_stage = FAMILIES[family] == "two-stage"
-    returned = [1, 2, 3, 4] if two_stage else [2, 3, 4]
-    if two_stage:
-        extra = LastLevelMaxPool()
-    elif family == "retinanet" and v2:
-        extra = LastLevelP6P7(channels[3], fpn_channels)  # P6 from C5, as retinanet v2
-    else:
-        extra = LastLevelP6P7(fpn_channels, fpn_channels)  # P6 from P5
-    # The v2 two-stage models put BatchNorm in the FPN; v1 and the one-stage models have none.
-    fpn_norm = nn.BatchNorm2d if (v2 and two_stage) else None
-    fpn_backbone = BackboneWithFPN(
-        body,
-        return_layers={f"layer{k}": str(i) for i, k in enumerate(returned)},
-        in_channels_list=[channels[k - 1] for k in returned],
-        out_channels=fpn_channels,
-        extra_blocks=extra,
-        norm_layer=fpn_norm,
+    fpn_backbone, implied = _fpn_backbone(
+        family,
+        backbone,
+        v2,
+        weights_backbone=weights_backbone,
+        norm=norm,
+        fpn_channels=fpn_channels,
+        trainable_layers=trainable_layers,
+        backbone_options=backbone_options,
     )
+    kwargs = {**implied, **kwargs}
     group_norm = partial(nn.GroupNorm, 32)
     if (family == "fcos" or (family == "retinanet" and v2)) and fpn_channels % 32:
         raise ValueError(f"{family} heads use GroupNorm(32): fpn_channels must be a multiple of 32, got {fpn_channels}")
@@ -263,6 +362,7 @@ def build_detector(
     norm: str = "auto",
     trainable_backbone_layers: int | None = None,
     skip_resize: bool = False,
+    backbone_options: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> nn.Module:
     """Builds a torchvision detector, randomly initialised or with weights, never downloading unasked.
@@ -272,13 +372,17 @@ def build_detector(
             own builder) or ``"fcos_resnet18_fpn"`` (same architecture on ResNet-18); see
             :func:`detector_names`.
         num_classes: number of classes including the background (torchvision convention).
-        backbone: overrides the backbone in ``name`` (one of :data:`BACKBONES`).
+        backbone: overrides the backbone in ``name`` (one of :data:`BACKBONES`, or ``timm_<model>``).
         weights: torchvision weights for the whole detector (e.g. ``"DEFAULT"`` or
             ``"RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1"``; downloads unless cached, only for
             torchvision's own networks), or the path of a local ``.pt``/``.pth`` file: a pkd
             checkpoint or export, or a plain ``state_dict``.
         weights_backbone: torchvision weights for the backbone (e.g. ``"IMAGENET1K_V1"``), or
-            a local state_dict of the classification network (its ``fc`` is ignored).
+            a local state_dict of the classification network (its ``fc`` is ignored). For a
+            ``timm_<model>`` backbone: a local state_dict of the timm model, ``"timm"`` or
+            ``"timm:<tag>"`` (timm downloads its pretrained weights) or an offline name of
+            :data:`pkd.backbones.OFFLINE_WEIGHTS` (``"efficientnet_lite0.imagenet"``); the
+            detector then normalises pixels with the backbone's pretrained mean and std.
         min_size: shorter image side at evaluation (and in training, unless ``skip_resize``); a
             tuple picks one at random per training batch, as torchvision does.
         max_size: longer side limit.
@@ -289,9 +393,12 @@ def build_detector(
             found in a local weights file. ``"batch"``, ``"frozen"`` or ``"group"`` (GroupNorm(32))
             force one.
         trainable_backbone_layers: ResNet stages left trainable (0-5); default 5 from random
-            init, 3 with pretrained weights, as torchvision.
+            init, 3 with pretrained weights, as torchvision. For timm backbones, the last
+            stages of timm's ``feature_info`` (0 to its number of levels; all from random init).
         skip_resize: in training, leave images at the size the data pipeline made them (for
             multi-scale training in the data transforms, torchvision's ``_skip_resize``).
+        backbone_options: keyword arguments of ``timm.create_model`` for a ``timm_<model>``
+            backbone (e.g. ``{"embed_dim": 32, "depths": [1, 1, 1, 1]}`` for a tiny Swin).
         **kwargs: passed to the torchvision detector class (e.g. ``score_thresh``,
             ``detections_per_img``, ``image_mean``).
 
@@ -308,22 +415,31 @@ def build_detector(
     """
     family, name_backbone, v2 = parse_detector_name(name)
     backbone = backbone or name_backbone
-    if backbone not in BACKBONES:
-        raise ValueError(f"unknown backbone {backbone!r}; known backbones: {', '.join(BACKBONES)}")
+    if not _known_backbone(backbone):
+        raise ValueError(
+            f"unknown backbone {backbone!r}; known backbones: {', '.join(BACKBONES)}, or timm_<model> for a "
+            "model of timm.list_models()"
+        )
+    if backbone_options and not backbone.startswith(TIMM_PREFIX):
+        raise ValueError(f"backbone_options are for timm backbones (timm_<model>), not {backbone!r}")
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
     local_weights = _is_path(weights)
     state_dict = _read_state_dict(weights) if local_weights else None
+    # A local classification file for a timm backbone is its pretrained weights; for a ResNet
+    # it may be anything the user trained, so it keeps the random-init defaults.
     pretrained = (weights is not None and not local_weights) or (
-        weights_backbone is not None and not _is_path(weights_backbone)
+        weights_backbone is not None and (not _is_path(weights_backbone) or backbone.startswith(TIMM_PREFIX))
     )
     if norm == "auto":
         norm = detect_norm(state_dict) if state_dict is not None else ("frozen" if pretrained else "batch")
     # All stages train from random init; torchvision leaves the first two frozen when pretrained.
     all_layers = 6 if backbone == "mobilenet_v3_large" else 5
     if trainable_backbone_layers is None:
+        # timm backbones have as many stages as their feature_info lists: None trains them all.
+        all_layers = None if backbone.startswith(TIMM_PREFIX) else all_layers
         trainable_backbone_layers = 3 if pretrained else all_layers
     kwargs.update(min_size=min_size, max_size=max_size)
     if skip_resize:
@@ -374,6 +490,7 @@ def build_detector(
             norm=norm,
             fpn_channels=fpn_channels,
             trainable_layers=trainable_backbone_layers,
+            backbone_options=backbone_options,
             **kwargs,
         )
     if state_dict is not None:
