@@ -36,25 +36,24 @@ from pathlib import Path
 
 import torch
 
-from pkd.demo import demo_dataset, demo_teacher, get_preset, run_name, student_run_dir, train_student
+from pkd.demo import (
+    demo_dataset,
+    demo_teacher,
+    first_step_reaching,
+    get_preset,
+    run_name,
+    student_run_dir,
+    train_student,
+    validation_curve,
+)
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
-
-
-def validation_curve(run_dir: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [(r["step"], r["mAP"]) for r in records if r.get("type") == "val"]
 
 
 def at_fraction(curve: list[tuple[int, float]], fraction: float, total: int) -> float:
     """Validation mAP of the evaluation closest to ``fraction`` of the schedule."""
     target = fraction * total
     return min(curve, key=lambda point: abs(point[0] - target))[1]
-
-
-def first_step_reaching(curve: list[tuple[int, float]], level: float) -> int | None:
-    """The first evaluated step whose validation mAP is at least ``level`` (None: never)."""
-    return next((step for step, value in curve if value >= level), None)
 
 
 def mean_std(values: list[float], signed: bool = False) -> str:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pkd.demo import PRESETS, run_demo, run_name, student_run_dir
+from pkd.demo import PRESETS, first_step_reaching, run_demo, run_name, student_run_dir, validation_curve
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,17 @@ def test_quick_demo_writes_the_report_table_and_plot(quick_demo):
     assert any(f"teacher: {PRESETS['quick'].teacher['name']}" in m for m in messages)
     assert set(report.stage_times_s) == {"dataset", "teacher", "students", "report"}
     assert "Wall time of this `pkd demo` call" in text and "students" in text
+    assert "reaches alone's final val mAP" in text
+    assert "reaches_alone_at_step" in report.rows["pkd"] and "reaches_alone_at_step" not in report.rows["alone"]
+    curve = validation_curve(runs / "alone")
+    assert [step for step, _ in curve] == [4, 8] and all(0 <= value <= 1 for _, value in curve)
+
+
+def test_first_step_reaching():
+    curve = [(50, 0.1), (100, 0.3), (150, 0.25)]
+    assert first_step_reaching(curve, 0.2) == 100
+    assert first_step_reaching(curve, 0.1) == 50
+    assert first_step_reaching(curve, 0.5) is None
 
 
 def test_student_run_dirs_are_named_by_what_they_train_and_the_seed(tmp_path):
