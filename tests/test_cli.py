@@ -120,6 +120,14 @@ def test_parser_lists_every_command():
         assert command in text
 
 
+def test_demo_presets_on_the_command_line(capsys):
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--scratch"]).scratch
+    assert parser.parse_args(["demo", "--preset", "retinanet"]).preset == "retinanet"
+    assert main(["demo", "--preset", "huge"]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().err
+
+
 def test_inspect_writes_every_figure_and_the_numbers(tiny_digits, tmp_path, capsys):
     from PIL import Image
 

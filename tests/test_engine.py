@@ -301,3 +301,14 @@ def test_distill_on_cuda_with_mixed_precision(teacher_run, tiny_digits, tmp_path
     checkpoint = load_checkpoint(tmp_path / "cuda" / "last.pt")
     assert results["steps"] == 6 and checkpoint["scaler"]["scale"] > 0
     assert torch.isfinite(torch.tensor(results["test"]["mAP"]))
+
+
+def test_plain_progress_lines_where_no_bar_is_drawn(tiny_digits, tmp_path, capsys):
+    fit(tiny_config(tiny_digits, tmp_path / "plain"), progress=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[plain] step")]
+    train = [line for line in lines if "img/s" in line]
+    val = [line for line in lines if "val mAP" in line]
+    assert [line.split()[2] for line in train] == ["2/6", "4/6", "6/6"]
+    assert all("loss=" in line and "lr=" in line and " eta " in line for line in train)
+    assert train[-1].endswith("eta 0:00")
+    assert [line.split()[2] for line in val] == ["3/6", "6/6"] and all("best" in line for line in val)

@@ -432,6 +432,15 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
+def _duration(seconds: float) -> str:
+    """``"1:02:03"`` or ``"4:05"``; ``"?"`` for an unknown duration."""
+    if seconds == float("inf") or seconds != seconds:
+        return "?"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def _log_line(path: Path, record: dict) -> None:
     with open(path, "a") as file:
         file.write(json.dumps(record) + "\n")
@@ -657,6 +666,22 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
         return metrics
 
     bar = tqdm(total=total_steps, initial=state.step, desc=run_dir.name, disable=not progress, dynamic_ncols=True)
+    # Where no bar is drawn (a log file, nohup, a cluster scheduler), plain lines say how it goes.
+    plain_lines = info.is_main and not progress
+    images_per_step = config.train.batch_size * info.world_size
+    last_log = {"time": time.time(), "step": state.step}
+
+    def log_plain(window: dict[str, float], lr: float) -> None:
+        now = time.time()
+        steps_per_s = (state.step - last_log["step"]) / max(now - last_log["time"], 1e-9)
+        last_log.update(time=now, step=state.step)
+        eta = (total_steps - state.step) / steps_per_s if steps_per_s > 0 else float("inf")
+        losses_text = " ".join(f"{k}={v:.4f}" for k, v in window.items() if k == "loss" or k.startswith("loss_"))
+        print(
+            f"[{run_dir.name}] step {state.step}/{total_steps} {losses_text} lr={lr:.2e} "
+            f"{steps_per_s * images_per_step:.1f} img/s eta {_duration(eta)}",
+            flush=True,
+        )
 
     def after_step(state: TrainState, losses: dict[str, Tensor]) -> bool:
         bar.update(1)
@@ -675,6 +700,8 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
                 if "loss_distill" in window:
                     shown["distill"] = window["loss_distill"]
                 bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()} | {"lr": f"{lr:.2e}"})
+                if plain_lines:
+                    log_plain(window, lr)
         evaluated = state.step % eval_every == 0 or state.step == total_steps
         metrics = None
         is_best = False
@@ -682,6 +709,13 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
             metrics = run_evaluation("val")
             if info.is_main and (state.best_metric is None or metrics["mAP"] > state.best_metric):
                 state.best_metric, state.best_step, is_best = metrics["mAP"], state.step, True
+            if plain_lines:
+                print(
+                    f"[{run_dir.name}] step {state.step}/{total_steps} val mAP {metrics['mAP']:.4f} "
+                    f"AP50 {metrics['AP50']:.4f} (best {state.best_metric:.4f} at step {state.best_step})",
+                    flush=True,
+                )
+                last_log["time"] = time.time()  # the evaluation is not training speed
         if evaluated and "val" not in eval_loaders:
             is_best = True  # without validation, the latest weights are the ones to keep
         if evaluated or state.step % checkpoint_every == 0 or interrupt.requested:
