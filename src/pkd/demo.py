@@ -84,7 +84,7 @@ _LITE_STUDENT = {
 # by the same rule for each (benchmarks/bench_efficacy.py --sweep; docs/results.md).
 _LITE_DISTILL = {
     "pkd": {"loss": "pkd", "weight": 2.0},
-    "mse": {"loss": "mse", "weight": 0.01},
+    "mse": {"loss": "mse", "weight": 0.02},
     "cwd": {"loss": "cwd", "weight": 0.2},
 }
 
