@@ -23,7 +23,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,18 @@ _SCRATCH_TEACHER = {"name": "fcos_resnet50_fpn", "fpn_channels": 128}
 _SCRATCH_STUDENT = {"name": "retinanet_resnet18_fpn", "fpn_channels": 128}
 _SCRATCH_DISTILL = {"pkd": {"loss": "pkd", "weight": 2.0}, "mse": {"loss": "mse", "weight": 0.02}}
 
+_DEFAULT = Preset(
+    name="default",
+    description="ImageNet-pretrained FCOS EfficientNet-Lite2 teacher -> pretrained FCOS EfficientNet-Lite0 student",
+    data=_DATA,
+    sizes=_SIZES,
+    teacher=_LITE_TEACHER,
+    teacher_train=_LITE_TEACHER_TRAIN,
+    student=_LITE_STUDENT,
+    student_train=_LITE_STUDENT_TRAIN,
+    distill=_LITE_DISTILL,
+)
+
 #: The demo's presets (times on this project's 2-core CPU are in README and docs/results.md).
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
@@ -107,38 +119,18 @@ PRESETS: dict[str, Preset] = {
         student_train={"steps": 8, "batch_size": 8, "warmup_steps": 2, "eval_every": 4, **_ADAMW},
         distill=_LITE_DISTILL,
     ),
-    "default": Preset(
-        name="default",
-        description="ImageNet-pretrained FCOS EfficientNet-Lite2 teacher -> pretrained FCOS EfficientNet-Lite0 student",
-        data=_DATA,
-        sizes=_SIZES,
-        teacher=_LITE_TEACHER,
-        teacher_train=_LITE_TEACHER_TRAIN,
-        student=_LITE_STUDENT,
-        student_train=_LITE_STUDENT_TRAIN,
-        distill=_LITE_DISTILL,
-    ),
-    "full": Preset(
+    "default": _DEFAULT,
+    "full": replace(
+        _DEFAULT,
         name="full",
         description="the default pair on a 4x longer student schedule, for clearer numbers",
-        data=_DATA,
-        sizes=_SIZES,
-        teacher=_LITE_TEACHER,
-        teacher_train=_LITE_TEACHER_TRAIN,
-        student=_LITE_STUDENT,
         student_train={**_STUDENT_TRAIN, "steps": 1600, "warmup_steps": 100, "eval_every": 200},
-        distill=_LITE_DISTILL,
     ),
-    "retinanet": Preset(
+    "retinanet": replace(
+        _DEFAULT,
         name="retinanet",
         description="the default's pretrained FCOS Lite2 teacher -> a pretrained RetinaNet EfficientNet-Lite0 student",
-        data=_DATA,
-        sizes=_SIZES,
-        teacher=_LITE_TEACHER,
-        teacher_train=_LITE_TEACHER_TRAIN,
         student={**_LITE_STUDENT, "name": "retinanet_timm_tf_efficientnet_lite0_fpn"},
-        student_train=_LITE_STUDENT_TRAIN,
-        distill=_LITE_DISTILL,
     ),
     "scratch": Preset(
         name="scratch",
