@@ -16,6 +16,11 @@ shared machine affect all of them alike.
 
     python benchmarks/bench_distill_step.py [--rounds 5] [--batch 4] [--size 512]
     python benchmarks/bench_distill_step.py --allocator default   # glibc's defaults
+    python benchmarks/bench_distill_step.py --pair yolo           # YOLO11s teacher -> YOLO26n student
+
+``--pair yolo`` times an Ultralytics YOLO11s teacher and a YOLO26n student (random init, 1x1
+connectors from the student's 64/128/256 channels to the teacher's 128/256/512), PKD on strides
+8-32; "teacher_full_forward" is then the teacher's whole eval forward with NMS.
 
 By default glibc's allocator is tuned as the ``pkd`` command tunes it (pkd.runtime.tune_malloc);
 with glibc's defaults the distillation step's larger peak memory costs extra page faults.
@@ -32,6 +37,16 @@ import torch
 from pkd.distiller import Distiller
 from pkd.models import build_detector
 from pkd.runtime import tune_malloc
+
+#: --pair: (teacher, student, description).
+PAIRS = {
+    "torchvision": (
+        "fasterrcnn_resnet50_fpn",
+        "retinanet_resnet18_fpn",
+        "Faster R-CNN R50-FPN teacher, RetinaNet R18-FPN student",
+    ),
+    "yolo": ("yolo11s", "yolo26n", "YOLO11s teacher, YOLO26n student (Ultralytics)"),
+}
 
 
 def make_batch(batch: int, size: int, generator: torch.Generator):
@@ -51,14 +66,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--allocator", choices=("tuned", "default"), default="tuned", help="glibc malloc settings")
+    parser.add_argument("--pair", choices=tuple(PAIRS), default="torchvision", help="teacher and student")
     args = parser.parse_args()
     tuned = args.allocator == "tuned" and tune_malloc()
 
     torch.manual_seed(0)
     sizes = dict(num_classes=11, min_size=args.size, max_size=args.size)
-    teacher = build_detector("fasterrcnn_resnet50_fpn", **sizes).eval()
-    student = build_detector("retinanet_resnet18_fpn", **sizes)
-    distiller = Distiller(student, teacher, loss="pkd").train()
+    teacher_name, student_name, description = PAIRS[args.pair]
+    teacher = build_detector(teacher_name, **sizes).eval()
+    student = build_detector(student_name, **sizes)
+    distiller = Distiller(student, teacher, loss="pkd", connectors=True).train()
     optimizer = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     images, targets = make_batch(args.batch, args.size, torch.Generator().manual_seed(0))
     # The teacher's own input: the batch as the student's transform makes it (same pixels).
@@ -103,7 +120,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, {args.size}x{args.size}")
     print(f"allocator: {'tuned (pkd.runtime.tune_malloc)' if tuned else 'glibc defaults'}")
-    print("Faster R-CNN R50-FPN teacher, RetinaNet R18-FPN student, PKD on strides 8-64\n")
+    print(f"{description}, PKD on strides {', '.join(str(p.student_stride) for p in distiller.pairs)}\n")
     print("| measurement | median ms |")
     print("|---|---|")
     for name, value in median.items():

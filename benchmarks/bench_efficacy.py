@@ -69,9 +69,9 @@ def calibrate(settings, digits, teacher: Path, batches: int = 5, batch_size: int
     On ``batches`` training batches (evaluation-mode resizing, no flips): the loss summed over
     the distilled level pairs, as the Distiller computes it, averaged over the batches.
     """
+    from pkd.build import load_detector
     from pkd.data import CocoDetection, eval_transforms
     from pkd.distiller import Distiller
-    from pkd.engine import load_detector
     from pkd.losses import LOSSES
     from pkd.models import build_detector
 

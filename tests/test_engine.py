@@ -21,11 +21,9 @@ from pkd.engine import (
     COCO_METRICS,
     RunInterrupted,
     TrainState,
-    build_optimizer,
     coco_metrics,
     evaluate,
     fit,
-    lr_factor,
     train_one_epoch,
 )
 
@@ -248,25 +246,6 @@ def test_non_finite_losses_are_skipped_then_stop_training():
         Flaky(set()), optimizer, [([], [], 2), *batches[:2]], torch.device("cpu"), 0, state=TrainState()
     )
     assert state.skipped_samples == 2 and state.step == 2
-
-
-def test_schedules_and_optimizer_groups():
-    config = config_from_dict(
-        {
-            "model": {"name": "x"},
-            "data": {"train": {"annotations": "a", "images": "b"}},
-            "train": {"steps": 100, "warmup_steps": 10, "warmup_factor": 0.1, "milestones": [0.5, 0.8]},
-        }
-    ).train
-    assert lr_factor(0, config, 100) == pytest.approx(0.1)
-    assert lr_factor(5, config, 100) == pytest.approx(0.55)
-    assert [lr_factor(s, config, 100) for s in (10, 49, 50, 80, 99)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
-    config.schedule = "cosine"
-    assert [lr_factor(s, config, 100) for s in (10, 55, 100)] == pytest.approx([1, 0.5, 0])
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
-    optimizer = build_optimizer(model.parameters(), config)
-    assert [len(g["params"]) for g in optimizer.param_groups] == [1, 3]
-    assert optimizer.param_groups[1]["weight_decay"] == 0.0
 
 
 @pytest.mark.ddp

@@ -104,7 +104,10 @@ def test_unknown_names_list_the_known_ones():
 def test_weights_from_a_local_file(tmp_path, wrap):
     source = build_detector("fcos_resnet18_fpn", fpn_channels=32, **TINY)
     state = source.state_dict()
-    payload = {"plain": state, "pkd": {"format": "pkd", "version": 1, "model": state}, "model_key": {"model": state}}
+    meta = {"detector": "fcos_resnet18_fpn", "num_classes": 3, "build": {"fpn_channels": 32}, "label_map": {}}
+    meta["class_names"] = {}
+    export = {"format": "pkd", "version": 1, "kind": "export", "state_dict": state, "meta": meta}
+    payload = {"plain": state, "pkd": export, "model_key": {"model": state}}
     path = tmp_path / "weights.pt"
     torch.save(payload[wrap], path)
     loaded = build_detector("fcos_resnet18_fpn", fpn_channels=32, weights=path, **TINY)

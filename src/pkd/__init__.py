@@ -15,65 +15,53 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# The names a user needs; everything else lives in its module (pkd.losses.cwd_loss,
+# pkd.features.pair_levels, pkd.analysis.analyze, pkd.config.Config, ...).
 _EXPORTS = {
-    # losses
+    # the loss
     "pkd_loss": "pkd.losses",
     "PKDLoss": "pkd.losses",
-    "mse_feature_loss": "pkd.losses",
-    "cwd_loss": "pkd.losses",
     "LOSSES": "pkd.losses",
-    # detectors, features, the distiller
+    # detectors and the distiller
     "build_detector": "pkd.models",
-    "FeatureTap": "pkd.features",
-    "pair_levels": "pkd.features",
+    "load_detector": "pkd.build",
     "Distiller": "pkd.distiller",
+    "FeatureTap": "pkd.features",
     # data
     "CocoDetection": "pkd.data",
-    "check_dataset": "pkd.data",
     "make_digits_dataset": "pkd.data",
-    # configs, training, evaluation
-    "Config": "pkd.config",
+    # runs: train, evaluate, inspect
     "load_config": "pkd.config",
     "fit": "pkd.engine",
-    "train_one_epoch": "pkd.engine",
     "evaluate": "pkd.engine",
-    "load_detector": "pkd.engine",
-    # analysis
-    "analyze": "pkd.analysis",
     "inspect_pair": "pkd.analysis",
 }
 
 __all__ = [
     "CocoDetection",
-    "Config",
     "Distiller",
     "FeatureTap",
     "LOSSES",
     "PKDLoss",
-    "analyze",
     "build_detector",
-    "check_dataset",
-    "cwd_loss",
     "evaluate",
     "fit",
     "inspect_pair",
     "load_config",
     "load_detector",
     "make_digits_dataset",
-    "mse_feature_loss",
-    "pair_levels",
     "pkd_loss",
-    "train_one_epoch",
 ]
 
 if TYPE_CHECKING:
-    from pkd.analysis import analyze, inspect_pair
-    from pkd.config import Config, load_config
-    from pkd.data import CocoDetection, check_dataset, make_digits_dataset
+    from pkd.analysis import inspect_pair
+    from pkd.build import load_detector
+    from pkd.config import load_config
+    from pkd.data import CocoDetection, make_digits_dataset
     from pkd.distiller import Distiller
-    from pkd.engine import evaluate, fit, load_detector, train_one_epoch
-    from pkd.features import FeatureTap, pair_levels
-    from pkd.losses import LOSSES, PKDLoss, cwd_loss, mse_feature_loss, pkd_loss
+    from pkd.engine import evaluate, fit
+    from pkd.features import FeatureTap
+    from pkd.losses import LOSSES, PKDLoss, pkd_loss
     from pkd.models import build_detector
 
 

@@ -711,9 +711,9 @@ def inspect_pair(
     Returns:
         The :class:`Analysis` of the distilled pairs (stages named after the pairs, e.g. "s8").
     """
+    from pkd.build import build_distiller, build_model, load_detector, resolve_device
     from pkd.checkpoint import load_checkpoint
     from pkd.data import CocoDetection, build_loader, eval_transforms
-    from pkd.engine import build_distiller, build_model, load_detector, resolve_device
 
     if config.teacher is None and teacher_checkpoint is None:
         raise ValueError("inspect needs a teacher: a config with a teacher section or --teacher-checkpoint")

@@ -51,11 +51,13 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
+    "PickledFileError",
     "checkpoint_summary",
     "export_student",
     "latest_checkpoint",
     "load_checkpoint",
     "load_exported",
+    "read_weights",
     "rng_state",
     "save_checkpoint",
     "save_run_checkpoint",
@@ -102,6 +104,10 @@ _TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, damaged, not a pkd checkpoint, or of another model."""
+
+
+class PickledFileError(CheckpointError):
+    """The file holds pickled Python objects (a whole model, numpy arrays): not loadable with ``weights_only``."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +317,33 @@ def _not_pkd_message(path: Path, content: str) -> str:
     )
 
 
+def _torch_load(path: Path, map_location: str | torch.device | None = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with a :class:`CheckpointError` that says what the file is."""
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # A weights-only load names the first class it refuses; pkd never writes one, so such a
+        # file is someone else's (a pickled model, a numpy-laden dict), not a damaged pkd file.
+        refused = re.search(r"GLOBAL (\S+) was not an allowed global|whose module (\S+) is blocked", str(error))
+        if refused:
+            name = refused[1] or refused[2]
+            raise PickledFileError(_not_pkd_message(path, f"holds Python objects ({name})")) from None
+        # Keep the unpickler's own words, not torch's advice to retry with weights_only=False.
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", str(error), re.S)
+        reason = reason[1] if reason else str(error)
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (UnpicklingError: {reason})") from error
+    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ... for damaged files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unexpected end of file"
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(error).__name__}: {reason})"
+        ) from error
+
+    return checkpoint
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -338,28 +371,7 @@ def load_checkpoint(
             of an unsupported version, or of a different detector or number of classes.
     """
     path = Path(path)
-    if not path.is_file():
-        what = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise CheckpointError(f"checkpoint {path} {what}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        # A weights-only load names the first class it refuses; pkd never writes one, so such a
-        # file is someone else's (a pickled model, a numpy-laden dict), not a damaged pkd file.
-        refused = re.search(r"GLOBAL (\S+) was not an allowed global|whose module (\S+) is blocked", str(error))
-        if refused:
-            name = refused[1] or refused[2]
-            raise CheckpointError(_not_pkd_message(path, f"holds Python objects ({name})")) from None
-        # Keep the unpickler's own words, not torch's advice to retry with weights_only=False.
-        reason = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", str(error), re.S)
-        reason = reason[1] if reason else str(error)
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt (UnpicklingError: {reason})") from error
-    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, ... for damaged files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "unexpected end of file"
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(error).__name__}: {reason})"
-        ) from error
-
+    checkpoint = _torch_load(path, map_location)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(_not_pkd_message(path, f"holds a {type(checkpoint).__name__}"))
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -381,6 +393,52 @@ def load_checkpoint(
             f"{meta['num_classes']} classes, expected {expected}"
         )
     return checkpoint
+
+
+def read_weights(
+    path: str | os.PathLike, *, map_location: str | torch.device | None = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The weights in a file given as ``weights`` anywhere in pkd, read with ``weights_only=True``.
+
+    This is the one place pkd reads a weights file it did not just write: a teacher's or a
+    student's ``weights``, ``pkd eval`` and ``pkd export`` all come here (through
+    :func:`load_checkpoint` for the last two).
+
+    Args:
+        path: a pkd run checkpoint or exported student, a plain ``state_dict``, or a dict
+            holding one under ``"model"`` or ``"state_dict"`` (torchvision's references save
+            that way).
+
+    Returns:
+        ``(state_dict, meta)``; ``meta`` is the pkd checkpoint's (detector name, classes,
+        build arguments) or ``None`` for a plain state_dict.
+
+    Raises:
+        PickledFileError: the file holds pickled objects (e.g. a whole model saved with
+            ``torch.save(model)``, or an Ultralytics ``.pt``).
+        CheckpointError: the file is missing, damaged, or holds no state_dict.
+    """
+    path = Path(path)
+    stored = _torch_load(path, map_location)
+    if isinstance(stored, dict) and stored.get("format") == CHECKPOINT_FORMAT:
+        _check_checkpoint(stored, f"checkpoint {path}")
+        return stored["model" if stored["kind"] == "run" else "state_dict"], stored["meta"]
+    state_dict = stored
+    for key in ("model", "state_dict"):
+        if isinstance(stored, dict) and isinstance(stored.get(key), dict):
+            state_dict = stored[key]
+            break
+    if isinstance(state_dict, dict) and state_dict and all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        return state_dict, None
+    content = (
+        f"is a dict with keys {sorted(map(str, stored))[:8]}"
+        if isinstance(stored, dict)
+        else f"holds a {type(stored).__name__}"
+    )
+    raise CheckpointError(
+        f"{path} holds no state_dict pkd can read: it {content}. Give a pkd checkpoint (`pkd train`, "
+        "`pkd export`) or a plain state_dict (a dict of tensors, torch.save(model.state_dict()))"
+    )
 
 
 def save_run_checkpoint(run_dir: str | os.PathLike, checkpoint: Mapping[str, Any], *, is_best: bool) -> Path:

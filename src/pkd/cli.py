@@ -74,9 +74,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from pkd.build import load_detector, resolve_device
     from pkd.config import ConfigError, load_config
     from pkd.data import CocoDetection, build_loader, eval_transforms
-    from pkd.engine import evaluate, load_detector, resolve_device
+    from pkd.engine import evaluate
 
     config = load_config(args.config, args.overrides)
     split = getattr(config.data, args.split)
@@ -104,6 +105,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     checkpoint = load_checkpoint(source)
     out = export_student(checkpoint, args.out, half=args.half)
     print(f"{checkpoint_summary(checkpoint)}\nexported the student to {out}")
+    if args.ultralytics:
+        from pkd.build import load_detector
+        from pkd.yolo import YoloDetector, save_ultralytics
+
+        model, meta = load_detector(out)
+        if not isinstance(model, YoloDetector):
+            raise ValueError(f"--ultralytics is for YOLO students; this one is a {meta['detector']}")
+        native = save_ultralytics(model, args.ultralytics, meta.get("class_names"))
+        print(f"and in Ultralytics' format (a pickle, for ultralytics.YOLO) to {native}")
     return 0
 
 
@@ -209,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, type=Path, help="output file, e.g. student.pt")
     export.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint of the run folder")
     export.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
+    export.add_argument(
+        "--ultralytics", type=Path, metavar="PATH", help="YOLO students: also write an Ultralytics .pt (a pickle)"
+    )
     export.set_defaults(handler=cmd_export)
 
     check = commands.add_parser("check-data", help="validate a COCO-format dataset before a long run")

@@ -82,7 +82,8 @@ class ModelConfig:
     name: str = _field(
         "",
         doc="torchvision-style name, e.g. fcos_resnet18_fpn, or fcos_timm_<timm model>_fpn for a timm "
-        "backbone; for a teacher, may be left empty when weights is a pkd checkpoint (its own name is used)",
+        "backbone, or an Ultralytics YOLO model: yolov8n, yolo11s, yolo26m, ... (pkd[yolo]); for a teacher, may "
+        "be left empty when weights is a pkd checkpoint (its own name is used)",
     )
     backbone: str | None = _field(None, doc="override the backbone in the name (a ResNet or timm_<model>)")
     weights: str | None = _field(None, doc="torchvision weights name or a local .pt/.pth file")
@@ -96,7 +97,11 @@ class ModelConfig:
     norm: str = _field("auto", choices=("auto", "batch", "frozen", "group"), doc="backbone normalisation")
     trainable_backbone_layers: int | None = _field(None, minimum=0, doc="trainable ResNet stages (0-5)")
     backbone_options: dict[str, Any] = _field({}, doc="extra keyword arguments of timm.create_model (timm backbones)")
-    options: dict[str, Any] = _field({}, doc="extra keyword arguments of the torchvision detector class")
+    options: dict[str, Any] = _field(
+        {},
+        doc="extra keyword arguments of the torchvision detector class; for YOLO models width, depth, end2end, "
+        "score_thresh, nms_thresh, detections_per_img",
+    )
 
 
 @dataclass

@@ -132,6 +132,15 @@ PRESETS: dict[str, Preset] = {
         description="the default's pretrained FCOS Lite2 teacher -> a pretrained RetinaNet EfficientNet-Lite0 student",
         student={**_LITE_STUDENT, "name": "retinanet_timm_tf_efficientnet_lite0_fpn"},
     ),
+    # Across frameworks: the default's torchvision FCOS teacher -> an Ultralytics YOLO11n student
+    # from random init (no YOLO weights ship offline); 1x1 connectors map 64-256 channels to 128.
+    "yolo": replace(
+        _DEFAULT,
+        name="yolo",
+        description="the default's pretrained FCOS Lite2 teacher -> an Ultralytics YOLO11n student (random init)",
+        student={"name": "yolo11n"},
+        distill={name: {**section, "connectors": True} for name, section in _LITE_DISTILL.items()},
+    ),
     "scratch": Preset(
         name="scratch",
         description="from random init: one-stage anchor-free FCOS R50 teacher -> anchor-based RetinaNet R18 student",
@@ -342,8 +351,9 @@ def run_demo(
     """
     import torch
 
+    from pkd.build import load_detector
     from pkd.data import CocoDetection, eval_transforms
-    from pkd.engine import evaluate, load_detector
+    from pkd.engine import evaluate
     from pkd.models import count_parameters
     from pkd.plots import plot_runs
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import signal
 import sys
 import time
@@ -32,13 +31,19 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pkd.build import (
+    build_distiller,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+)
 from pkd.checkpoint import (
     load_checkpoint,
     rng_state,
     save_run_checkpoint,
     set_rng_state,
 )
-from pkd.config import Config, DistillConfig, ModelConfig, config_to_dict, save_config
+from pkd.config import Config, config_to_dict, save_config
 from pkd.data import CocoDetection, build_loader, eval_transforms, set_epoch, train_transforms
 from pkd.dist import (
     DistInfo,
@@ -51,19 +56,14 @@ from pkd.dist import (
     unwrap,
 )
 from pkd.distiller import Distiller
-from pkd.models import build_detector, count_parameters, detect_norm
+from pkd.models import count_parameters
 
 __all__ = [
     "COCO_METRICS",
     "TrainState",
-    "build_distiller",
-    "build_model",
-    "build_optimizer",
-    "build_scheduler",
     "coco_metrics",
     "evaluate",
     "fit",
-    "load_detector",
     "train_one_epoch",
 ]
 
@@ -82,128 +82,6 @@ COCO_METRICS = (
     "AR_medium",
     "AR_large",
 )
-
-
-# -------------------------------------------------------------------------------------------------
-# Building
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def build_model(
-    config: ModelConfig, *, num_classes: int, eval_size: int, max_size: int, skip_resize: bool = False
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Builds a detector from its config section.
-
-    A teacher given only as a pkd checkpoint (``weights``) is rebuilt with the name and
-    settings stored in the checkpoint.
-
-    Returns:
-        The detector and its metadata (``detector``, ``num_classes``, ``build``: what
-        :func:`~pkd.models.build_detector` needs to rebuild it).
-    """
-    name = config.name
-    build: dict[str, Any] = {
-        "backbone": config.backbone,
-        "fpn_channels": config.fpn_channels,
-        "norm": config.norm,
-        "trainable_backbone_layers": config.trainable_backbone_layers,
-        **({"backbone_options": dict(config.backbone_options)} if config.backbone_options else {}),
-        **config.options,
-    }
-    if config.num_classes is not None:
-        num_classes = config.num_classes
-    weights = config.weights
-    if weights and Path(weights).suffix in (".pt", ".pth") and Path(weights).is_file():
-        stored = torch.load(weights, map_location="cpu", weights_only=True)
-        if isinstance(stored, dict) and stored.get("format") == "pkd":
-            meta = load_checkpoint(weights, detector=name or None)["meta"]
-            name = name or meta["detector"]
-            num_classes = meta["num_classes"] if config.num_classes is None else num_classes
-            build = {k: v for k, v in meta["build"].items() if k not in ("min_size", "max_size")}
-    if not name:
-        raise ValueError("model name missing: set it in the config or give a pkd checkpoint as weights")
-    model = build_detector(
-        name,
-        num_classes=num_classes,
-        weights=weights,
-        weights_backbone=config.weights_backbone,
-        min_size=eval_size,
-        max_size=max_size,
-        skip_resize=skip_resize,
-        **build,
-    )
-    build.update(norm=detect_norm(model.state_dict()), min_size=eval_size, max_size=max_size)
-    return model, {"detector": name, "num_classes": num_classes, "build": build}
-
-
-def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A detector rebuilt from a pkd run checkpoint or exported student, with its weights.
-
-    Returns:
-        The detector in eval mode and the checkpoint's ``meta`` (name, classes, label map, ...).
-    """
-    checkpoint = load_checkpoint(path)
-    meta = checkpoint["meta"]
-    model = build_detector(meta["detector"], num_classes=meta["num_classes"], **meta["build"])
-    model.load_state_dict(checkpoint["model" if checkpoint["kind"] == "run" else "state_dict"])
-    return model.eval(), meta
-
-
-def build_distiller(student: nn.Module, teacher: nn.Module, config: DistillConfig | None) -> Distiller:
-    """The :class:`~pkd.distiller.Distiller` a ``distill`` config section describes (defaults if None)."""
-    config = config or DistillConfig()
-    return Distiller(
-        student,
-        teacher,
-        loss=config.loss,
-        weight=config.weight,
-        levels=config.levels,
-        pairing=config.pairing,
-        max_levels=config.max_levels,
-        connectors=config.connectors,
-        distill_until=config.distill_until,
-        warmup_steps=config.warmup_steps,
-        resize=config.resize,
-    )
-
-
-def build_optimizer(parameters: Iterable[nn.Parameter], config) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW; no weight decay on norms and biases (1-D parameters)."""
-    decay, no_decay = [], []
-    for parameter in parameters:
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999))
-    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
-
-
-def lr_factor(step: int, config, total_steps: int) -> float:
-    """Learning-rate multiplier at ``step``: linear warm-up, then step, cosine or constant."""
-    if step < config.warmup_steps:
-        alpha = step / config.warmup_steps
-        return config.warmup_factor * (1 - alpha) + alpha
-    progress = step / max(total_steps, 1)
-    if config.schedule == "cosine":
-        span = max(total_steps - config.warmup_steps, 1)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / span)))
-    if config.schedule == "step":
-        return config.gamma ** sum(progress >= milestone for milestone in config.milestones)
-    return 1.0
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int):
-    """A per-step ``LambdaLR`` following :func:`lr_factor`."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, total_steps))
 
 
 # -------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ on a CPU. Names follow torchvision's ``<family>_<backbone>_fpn[_v2]`` pattern; t
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable
 from functools import partial
@@ -30,6 +31,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from pkd.backbones import TimmBackboneWithFPN, build_timm_body
+from pkd.checkpoint import CheckpointError, read_weights
 
 __all__ = [
     "BACKBONES",
@@ -53,6 +55,11 @@ BACKBONES = (*RESNETS, "mobilenet_v3_large")
 TIMM_PREFIX = "timm_"
 NORMS = ("auto", "batch", "frozen", "group")
 
+#: Families built outside torchvision, one module each, imported only when one of its names is
+#: built: the module's ``matches(name)`` says whether a name is its, ``build(name, **kwargs)``
+#: builds it with :func:`build_detector`'s arguments.
+OTHER_FAMILIES = {"yolo": "pkd.yolo"}
+
 _NAME = re.compile(r"^(?P<family>[a-z]+)_(?P<backbone>.+)_fpn(?P<v2>_v2)?$")
 
 
@@ -70,7 +77,8 @@ def detector_names(timm_backbones: bool = True) -> list[str]:
 
         backbones += [TIMM_PREFIX + model for model in timm.list_models()]
     names = [f"{family}_{backbone}_fpn{v2}" for family in FAMILIES for backbone in backbones for v2 in ("", "_v2")]
-    return sorted({*names, "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"})
+    others = [name for module in OTHER_FAMILIES.values() for name in importlib.import_module(module).names()]
+    return sorted({*names, *others, "fasterrcnn_mobilenet_v3_large_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"})
 
 
 def _known_backbone(backbone: str) -> bool:
@@ -106,6 +114,15 @@ def parse_detector_name(name: str) -> tuple[str, str, bool]:
     return match["family"], backbone, match["v2"] is not None
 
 
+def _other_family(name: str):
+    """The module of a non-torchvision family that ``name`` belongs to, or None."""
+    for module_name in OTHER_FAMILIES.values():
+        module = importlib.import_module(module_name)
+        if module.matches(name):
+            return module
+    return None
+
+
 def is_two_stage(model: nn.Module) -> bool:
     """Whether ``model`` is a two-stage detector (torchvision's Faster / Mask R-CNN)."""
     return isinstance(model, GeneralizedRCNN)
@@ -130,24 +147,12 @@ def _is_path(value: Any) -> bool:
 
 def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state_dict from a pkd checkpoint or export, a ``{"model": ...}`` dict, or a plain state_dict."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(
-            f"cannot read weights from {str(path)!r}: it is truncated or not a torch file ({error})"
-        ) from error
-    if isinstance(obj, dict) and obj.get("format") == "pkd":
-        obj = obj.get("model", obj.get("state_dict"))
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{str(path)!r} holds no state_dict (a dict of tensors, or a pkd checkpoint)")
-    return obj
+        return read_weights(path)[0]
+    except CheckpointError as error:  # build_detector reports bad arguments, files included, as ValueError
+        raise ValueError(str(error)) from None
 
 
 def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, ignore=()) -> None:
@@ -413,6 +418,27 @@ def build_detector(
         >>> type(model).__name__, model.backbone.out_channels
         ('FCOS', 64)
     """
+    family_module = _other_family(name)
+    if family_module is not None:
+        unused = {
+            "backbone": backbone,
+            "backbone_options": backbone_options,
+            "trainable_backbone_layers": trainable_backbone_layers,
+        }
+        given = [key for key, value in unused.items() if value] + (["fpn_channels"] if fpn_channels != 256 else [])
+        if given:
+            raise ValueError(f"{', '.join(given)}: torchvision options, not options of {name}")
+        return family_module.build(
+            name,
+            num_classes=num_classes,
+            weights=weights,
+            weights_backbone=weights_backbone,
+            min_size=min_size,
+            max_size=max_size,
+            skip_resize=skip_resize,
+            norm=norm,
+            **kwargs,
+        )
     family, name_backbone, v2 = parse_detector_name(name)
     backbone = backbone or name_backbone
     if not _known_backbone(backbone):

@@ -1,0 +1,164 @@
+"""Config sections -> objects: the detectors, the distiller, the optimiser and the schedule.
+
+The one place where a :class:`~pkd.config.Config`'s sections become built parts, shared by
+training (:func:`pkd.engine.fit`), ``pkd eval`` / ``pkd export`` and ``pkd inspect``
+(:func:`pkd.analysis.inspect_pair`); the library's classes take built parts and never read a
+config.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pkd.checkpoint import CheckpointError, PickledFileError, load_checkpoint, read_weights
+from pkd.config import DistillConfig, ModelConfig
+from pkd.distiller import Distiller
+from pkd.models import build_detector, detect_norm
+
+__all__ = [
+    "build_distiller",
+    "build_model",
+    "build_optimizer",
+    "build_scheduler",
+    "load_detector",
+    "lr_factor",
+    "resolve_device",
+]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _weights_meta(weights: str, name: str | None) -> dict[str, Any] | None:
+    """The pkd metadata in a weights file; None for a plain state_dict or a pickle the builder reads."""
+    try:
+        _, meta = read_weights(weights)
+    except PickledFileError:
+        if not name:
+            raise
+        return None  # e.g. an Ultralytics .pt, which only its family's builder may unpickle
+    if meta is not None and name and meta["detector"] != name:
+        raise CheckpointError(
+            f"checkpoint {weights} is for another model: it holds {meta['detector']!r}, expected {name!r}"
+        )
+    return meta
+
+
+def build_model(
+    config: ModelConfig, *, num_classes: int, eval_size: int, max_size: int, skip_resize: bool = False
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Builds a detector from its config section.
+
+    A teacher given only as a pkd checkpoint (``weights``) is rebuilt with the name and
+    settings stored in the checkpoint.
+
+    Returns:
+        The detector and its metadata (``detector``, ``num_classes``, ``build``: what
+        :func:`~pkd.models.build_detector` needs to rebuild it).
+    """
+    name = config.name
+    # Only what the config sets: a family takes the options it has (YOLO has no FPN width).
+    defaults = ModelConfig()
+    build: dict[str, Any] = {
+        key: getattr(config, key)
+        for key in ("backbone", "fpn_channels", "norm", "trainable_backbone_layers", "backbone_options")
+        if getattr(config, key) != getattr(defaults, key)
+    }
+    build.update(config.options)
+    if config.num_classes is not None:
+        num_classes = config.num_classes
+    weights = config.weights
+    if weights and Path(weights).suffix in (".pt", ".pth"):
+        meta = _weights_meta(weights, name)
+        if meta is not None:
+            name = name or meta["detector"]
+            num_classes = meta["num_classes"] if config.num_classes is None else num_classes
+            build = {k: v for k, v in meta["build"].items() if k not in ("min_size", "max_size")}
+    if not name:
+        raise ValueError("model name missing: set it in the config or give a pkd checkpoint as weights")
+    model = build_detector(
+        name,
+        num_classes=num_classes,
+        weights=weights,
+        weights_backbone=config.weights_backbone,
+        min_size=eval_size,
+        max_size=max_size,
+        skip_resize=skip_resize,
+        **build,
+    )
+    build.update(norm=detect_norm(model.state_dict()), min_size=eval_size, max_size=max_size)
+    return model, {"detector": name, "num_classes": num_classes, "build": build}
+
+
+def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A detector rebuilt from a pkd run checkpoint or exported student, with its weights.
+
+    Returns:
+        The detector in eval mode and the checkpoint's ``meta`` (name, classes, label map, ...).
+    """
+    checkpoint = load_checkpoint(path)
+    meta = checkpoint["meta"]
+    model = build_detector(meta["detector"], num_classes=meta["num_classes"], **meta["build"])
+    model.load_state_dict(checkpoint["model" if checkpoint["kind"] == "run" else "state_dict"])
+    return model.eval(), meta
+
+
+def build_distiller(student: nn.Module, teacher: nn.Module, config: DistillConfig | None) -> Distiller:
+    """The :class:`~pkd.distiller.Distiller` a ``distill`` config section describes (defaults if None)."""
+    config = config or DistillConfig()
+    return Distiller(
+        student,
+        teacher,
+        loss=config.loss,
+        weight=config.weight,
+        levels=config.levels,
+        pairing=config.pairing,
+        max_levels=config.max_levels,
+        connectors=config.connectors,
+        distill_until=config.distill_until,
+        warmup_steps=config.warmup_steps,
+        resize=config.resize,
+    )
+
+
+def build_optimizer(parameters: Iterable[nn.Parameter], config) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW; no weight decay on norms and biases (1-D parameters)."""
+    decay, no_decay = [], []
+    for parameter in parameters:
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+
+
+def lr_factor(step: int, config, total_steps: int) -> float:
+    """Learning-rate multiplier at ``step``: linear warm-up, then step, cosine or constant."""
+    if step < config.warmup_steps:
+        alpha = step / config.warmup_steps
+        return config.warmup_factor * (1 - alpha) + alpha
+    progress = step / max(total_steps, 1)
+    if config.schedule == "cosine":
+        span = max(total_steps - config.warmup_steps, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / span)))
+    if config.schedule == "step":
+        return config.gamma ** sum(progress >= milestone for milestone in config.milestones)
+    return 1.0
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int):
+    """A per-step ``LambdaLR`` following :func:`lr_factor`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, total_steps))
