@@ -155,24 +155,21 @@ def test_resumed_run_matches_an_uninterrupted_one(tiny_digits, tmp_path, monkeyp
     fit(whole, progress=False)
 
     # The same run, interrupted by a real Ctrl-C (SIGINT) after step 3, then resumed.
-    original = train_one_epoch
+    original = pkd.engine.train_step
 
-    def interrupt_at_step_3(*args, after_step, **kwargs):
-        def hook(state, losses):
-            if state.step == 3:
-                os.kill(os.getpid(), signal.SIGINT)
-            return after_step(state, losses)
-
-        return original(*args, after_step=hook, **kwargs)
+    def interrupt_at_step_3(*args, state, **kwargs):
+        original(*args, state=state, **kwargs)
+        if state.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
 
     interrupted = tiny_config(
         tiny_digits, tmp_path / "resumed", steps=6, eval_every=6, checkpoint_every=1, deterministic=True
     )
-    monkeypatch.setattr(pkd.engine, "train_one_epoch", interrupt_at_step_3)
+    monkeypatch.setattr(pkd.engine, "train_step", interrupt_at_step_3)
     with pytest.raises(RunInterrupted, match="interrupted at step 3"):
         fit(interrupted, progress=False)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["step"] == 3
-    monkeypatch.setattr(pkd.engine, "train_one_epoch", original)
+    monkeypatch.setattr(pkd.engine, "train_step", original)
     fit(interrupted, progress=False)
 
     a = load_checkpoint(tmp_path / "whole" / "last.pt")

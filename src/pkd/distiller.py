@@ -56,7 +56,7 @@ class Distiller(nn.Module):
     :meth:`connector_state_dict`.
 
     Args:
-        student: the detector to train (torchvision-style: ``transform`` then ``backbone``).
+        student: the detector to train (a :class:`pkd.detector.Detector`: ``transform`` then ``backbone``).
         teacher: the detector to imitate; frozen here.
         loss: ``"pkd"``, ``"mse"``, ``"cwd"`` (see :data:`pkd.losses.LOSSES`) or a callable
             ``(student_level, teacher_level) -> scalar`` on ``(N, C, H, W)`` maps of equal shape.

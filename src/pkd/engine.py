@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +119,85 @@ def _all_finite(loss: Tensor, distributed: bool) -> bool:
     return bool(finite.item())
 
 
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: list[Tensor],
+    targets: list[dict[str, Tensor]],
+    device: torch.device,
+    *,
+    state: TrainState,
+    scheduler=None,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_grad_norm: float | None = None,
+    max_bad_steps: int = 5,
+    distributed: bool = False,
+    extra_grads: Iterable[nn.Parameter] = (),
+) -> None:
+    """One optimisation step on one batch; ``state`` counts it and keeps its losses in ``state.window``.
+
+    A batch whose total loss is not finite is skipped (no update) and counted; more than
+    ``max_bad_steps`` in a row stop training with an error.
+
+    Args:
+        model: a detector or :class:`~pkd.distiller.Distiller` returning a dict of losses.
+        optimizer: its optimiser.
+        images: list of ``(3, H, W)`` images; targets: their target dicts.
+        device: where the model is.
+        state: updated in place: step counter, skipped steps, loss window.
+        scheduler: stepped once per step.
+        scaler: a CUDA ``GradScaler`` for mixed precision, or None.
+        clip_grad_norm: max gradient norm, or None.
+        max_bad_steps: consecutive non-finite losses tolerated.
+        distributed: DDP run (non-finite checks agree across ranks; ``extra_grads`` averaged).
+        extra_grads: parameters outside the DDP-wrapped module whose gradients are averaged
+            across ranks by hand (the distiller's connectors).
+    """
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets]
+    with torch.autocast(device.type, enabled=scaler is not None):
+        losses = model(images, targets)
+    total = sum(losses.values())
+    optimizer.zero_grad(set_to_none=True)
+    if _all_finite(total, distributed):
+        state.bad_steps = 0
+        if scaler is not None:
+            scaler.scale(total).backward()
+            scaler.unscale_(optimizer)
+        else:
+            total.backward()
+        if distributed:
+            for parameter in extra_grads:
+                if parameter.grad is not None:
+                    torch_dist.all_reduce(parameter.grad)
+                    parameter.grad /= torch_dist.get_world_size()
+        if clip_grad_norm is not None:
+            parameters = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+    else:
+        state.bad_steps += 1
+        state.skipped_steps += 1
+        bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v)}
+        warnings.warn(f"step {state.step}: non-finite loss {bad}; batch skipped", stacklevel=2)
+        if state.bad_steps > max_bad_steps:
+            raise RuntimeError(
+                f"{state.bad_steps} non-finite losses in a row (last: {bad}); training stopped. "
+                "Lower train.lr, set train.clip_grad_norm, or check the data with `pkd check-data`."
+            )
+    if scheduler is not None:
+        scheduler.step()
+    state.step += 1
+    named = _named_losses(losses)
+    named["loss"] = total.detach()
+    for key, value in named.items():
+        state.window[key].append(float(value))
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -127,95 +206,33 @@ def train_one_epoch(
     epoch: int,
     *,
     state: TrainState,
-    scheduler=None,
-    scaler: torch.amp.GradScaler | None = None,
-    clip_grad_norm: float | None = None,
-    max_bad_steps: int = 5,
     max_steps: int | None = None,
-    distributed: bool = False,
-    extra_grads: Iterable[nn.Parameter] = (),
-    after_step: Callable[[TrainState, dict[str, float]], bool] | None = None,
+    **step_options: Any,
 ) -> TrainState:
     """Trains for one pass over ``data_loader`` (or until ``state.step`` reaches ``max_steps``).
 
-    A batch whose total loss is not finite is skipped (no update) and counted; more than
-    ``max_bad_steps`` in a row stop training with an error.
+    For a loop of one's own; :func:`fit` runs :func:`train_step` itself, so that its loop says
+    when to log, evaluate and save.
 
     Args:
-        model: a detector or :class:`~pkd.distiller.Distiller` returning a dict of losses.
-        optimizer: its optimiser.
+        model, optimizer, device: as :func:`train_step`.
         data_loader: yields ``(images, targets, skipped)`` (see :func:`pkd.data.collate`).
-        device: where the model is.
         epoch: epoch number (for the state).
-        state: updated in place: step counter, skipped steps and samples, loss window.
-        scheduler: stepped once per step.
-        scaler: a CUDA ``GradScaler`` for mixed precision, or None.
-        clip_grad_norm: max gradient norm, or None.
-        max_bad_steps: consecutive non-finite losses tolerated.
+        state: updated in place (also ``skipped_samples``: images that failed to load).
         max_steps: stop when ``state.step`` reaches it.
-        distributed: DDP run (non-finite checks agree across ranks; ``extra_grads`` averaged).
-        extra_grads: parameters outside the DDP-wrapped module whose gradients are averaged
-            across ranks by hand (the distiller's connectors).
-        after_step: called as ``after_step(state, losses)`` after each step; returning False
-            stops the epoch.
+        **step_options: :func:`train_step`'s keyword arguments (scheduler, scaler, ...).
 
     Returns:
         ``state``.
     """
     model.train()
     state.epoch = epoch
-    parameters = [p for group in optimizer.param_groups for p in group["params"]]
-    extra_grads = list(extra_grads)
     for images, targets, skipped in data_loader:
         if max_steps is not None and state.step >= max_steps:
             break
         state.skipped_samples += skipped
-        if not images:  # every image of the batch failed to load
-            continue
-        images = [image.to(device, non_blocking=True) for image in images]
-        targets = [{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets]
-        with torch.autocast(device.type, enabled=scaler is not None):
-            losses = model(images, targets)
-        total = sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        if _all_finite(total, distributed):
-            state.bad_steps = 0
-            if scaler is not None:
-                scaler.scale(total).backward()
-                scaler.unscale_(optimizer)
-            else:
-                total.backward()
-            if distributed:
-                for parameter in extra_grads:
-                    if parameter.grad is not None:
-                        torch_dist.all_reduce(parameter.grad)
-                        parameter.grad /= torch_dist.get_world_size()
-            if clip_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-        else:
-            state.bad_steps += 1
-            state.skipped_steps += 1
-            bad = {k: float(v.detach()) for k, v in losses.items() if not torch.isfinite(v)}
-            warnings.warn(f"step {state.step}: non-finite loss {bad}; batch skipped", stacklevel=2)
-            if state.bad_steps > max_bad_steps:
-                raise RuntimeError(
-                    f"{state.bad_steps} non-finite losses in a row (last: {bad}); training stopped. "
-                    "Lower train.lr, set train.clip_grad_norm, or check the data with `pkd check-data`."
-                )
-        if scheduler is not None:
-            scheduler.step()
-        state.step += 1
-        named = _named_losses(losses)
-        named["loss"] = total.detach()
-        for key, value in named.items():
-            state.window[key].append(float(value))
-        if after_step is not None and after_step(state, named) is False:
-            break
+        if images:  # else every image of the batch failed to load
+            train_step(model, optimizer, images, targets, device, state=state, **step_options)
     return state
 
 
@@ -368,6 +385,141 @@ class RunInterrupted(KeyboardInterrupt):
     """Training stopped by Ctrl-C after saving ``last.pt``; run the same command to resume."""
 
 
+class _RunLog:
+    """Where a run reports: metrics.jsonl, TensorBoard, a progress bar, or plain lines without a terminal.
+
+    Only the main process writes; on the others every method does nothing.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        step: int,
+        *,
+        resumed: bool,
+        main: bool,
+        progress: bool,
+        images_per_step: int,
+    ) -> None:
+        self.run_dir, self.total_steps, self.main = run_dir, total_steps, main
+        self.metrics_path = run_dir / "metrics.jsonl"
+        # Where no bar is drawn (a log file, nohup, a cluster scheduler), plain lines say how it goes.
+        self.plain = main and not progress
+        self.images_per_step = images_per_step
+        self.last = {"time": time.time(), "step": step}
+        self.bar = tqdm(total=total_steps, initial=step, desc=run_dir.name, disable=not progress, dynamic_ncols=True)
+        self.writer = None
+        if not main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step drops events a killed run logged after the checkpoint it resumes from.
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=step if resumed else None)
+        if not resumed:
+            self.metrics_path.unlink(missing_ok=True)
+        else:  # drop records a killed run wrote after its last checkpoint
+            kept = []
+            for line in self.metrics_path.read_text().splitlines() if self.metrics_path.is_file() else []:
+                with contextlib.suppress(json.JSONDecodeError):
+                    if json.loads(line).get("step", 0) <= step:
+                        kept.append(line)
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def advance(self) -> None:
+        """One step done."""
+        self.bar.update(1)
+
+    def train(self, state: TrainState, lr: float) -> None:
+        """The mean losses since the last call (averaged over ranks), then a new window."""
+        window = reduce_mean({k: sum(v) / len(v) for k, v in sorted(state.window.items())})
+        state.window.clear()
+        if not self.main:
+            return
+        record = {"type": "train", "step": state.step, "epoch": state.epoch, "lr": lr, **window}
+        record.update(skipped_steps=state.skipped_steps, skipped_samples=state.skipped_samples)
+        _log_line(self.metrics_path, record)
+        for name, value in window.items():
+            self.writer.add_scalar(f"train/{name}", value, state.step)
+        self.writer.add_scalar("train/lr", lr, state.step)
+        shown = {"loss": window["loss"]} | ({"distill": window["loss_distill"]} if "loss_distill" in window else {})
+        self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()} | {"lr": f"{lr:.2e}"})
+        if self.plain:
+            now = time.time()
+            steps_per_s = (state.step - self.last["step"]) / max(now - self.last["time"], 1e-9)
+            self.last.update(time=now, step=state.step)
+            eta = (self.total_steps - state.step) / steps_per_s if steps_per_s > 0 else float("inf")
+            losses = " ".join(f"{k}={v:.4f}" for k, v in window.items() if k == "loss" or k.startswith("loss_"))
+            print(
+                f"[{self.run_dir.name}] step {state.step}/{self.total_steps} {losses} lr={lr:.2e} "
+                f"{steps_per_s * self.images_per_step:.1f} img/s eta {_duration(eta)}",
+                flush=True,
+            )
+
+    def evaluation(self, split: str, state: TrainState, metrics: dict[str, float]) -> None:
+        if not self.main:
+            return
+        _log_line(self.metrics_path, {"type": split, "step": state.step, "epoch": state.epoch, **metrics})
+        for name, value in metrics.items():
+            self.writer.add_scalar(f"{split}/{name}", value, state.step)
+        if self.plain and split == "val":
+            print(
+                f"[{self.run_dir.name}] step {state.step}/{self.total_steps} val mAP {metrics['mAP']:.4f} "
+                f"AP50 {metrics['AP50']:.4f} (best {state.best_metric:.4f} at step {state.best_step})",
+                flush=True,
+            )
+            self.last["time"] = time.time()  # the evaluation is not training speed
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _save_run(
+    run_dir: Path,
+    config: Config,
+    meta: dict,
+    state: TrainState,
+    metrics: dict[str, float] | None,
+    is_best: bool,
+    *,
+    model: nn.Module,
+    student: nn.Module,
+    optimizer,
+    scheduler,
+    scaler,
+) -> None:
+    """``last.pt`` (and ``best.pt`` when ``is_best``): everything a resumed run needs."""
+    extra = {
+        "best_step": state.best_step,
+        "skipped_steps": state.skipped_steps,
+        "skipped_samples": state.skipped_samples,
+    }
+    if isinstance(model, Distiller):
+        extra["connectors"] = model.connector_state_dict()
+    save_run_checkpoint(
+        run_dir,
+        {
+            "kind": "run",
+            "model": unwrap(student).state_dict(),
+            "meta": meta,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": state.epoch,
+            "step": state.step,
+            "rng": rng_state(),
+            "config": config_to_dict(config),
+            "metrics": dict(metrics or {}),
+            "best_metric": state.best_metric,
+            "extra": extra,
+        },
+        is_best=is_best,
+    )
+
+
 def fit(config: Config, *, resume: bool = True, progress: bool | None = None) -> dict[str, Any] | None:
     """Trains (and, with ``teacher`` and ``distill`` sections, distils) as the config says.
 
@@ -486,146 +638,56 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
         else:
             set_rng_state(checkpoint["rng"])
 
-    metrics_path = run_dir / "metrics.jsonl"
-    writer = None
-    if info.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step drops events a killed run logged after the checkpoint it resumes from.
-        writer = SummaryWriter(log_dir=str(run_dir), purge_step=state.step if checkpoint is not None else None)
-        if checkpoint is None:
-            metrics_path.unlink(missing_ok=True)
-        else:  # drop records a killed run wrote after its last checkpoint
-            kept = []
-            for line in metrics_path.read_text().splitlines() if metrics_path.is_file() else []:
-                with contextlib.suppress(json.JSONDecodeError):
-                    if json.loads(line).get("step", 0) <= state.step:
-                        kept.append(line)
-            metrics_path.write_text("".join(line + "\n" for line in kept))
-
-    def save(metrics: dict[str, float] | None, is_best: bool) -> None:
-        if not info.is_main:
-            return
-        extra = {
-            "best_step": state.best_step,
-            "skipped_steps": state.skipped_steps,
-            "skipped_samples": state.skipped_samples,
-        }
-        if isinstance(model, Distiller):
-            extra["connectors"] = model.connector_state_dict()
-        save_run_checkpoint(
-            run_dir,
-            {
-                "kind": "run",
-                "model": unwrap(student).state_dict(),
-                "meta": meta,
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": state.epoch,
-                "step": state.step,
-                "rng": rng_state(),
-                "config": config_to_dict(config),
-                "metrics": dict(metrics or {}),
-                "best_metric": state.best_metric,
-                "extra": extra,
-            },
-            is_best=is_best,
-        )
-
-    def run_evaluation(split: str) -> dict[str, float] | None:
-        metrics = evaluate(model, eval_loaders[split], device, progress=progress)
-        model.train()
-        if info.is_main:
-            record = {"type": split, "step": state.step, "epoch": state.epoch, **metrics}
-            _log_line(metrics_path, record)
-            for name, value in metrics.items():
-                writer.add_scalar(f"{split}/{name}", value, state.step)
-        return metrics
-
-    bar = tqdm(total=total_steps, initial=state.step, desc=run_dir.name, disable=not progress, dynamic_ncols=True)
-    # Where no bar is drawn (a log file, nohup, a cluster scheduler), plain lines say how it goes.
-    plain_lines = info.is_main and not progress
-    images_per_step = config.train.batch_size * info.world_size
-    last_log = {"time": time.time(), "step": state.step}
-
-    def log_plain(window: dict[str, float], lr: float) -> None:
-        now = time.time()
-        steps_per_s = (state.step - last_log["step"]) / max(now - last_log["time"], 1e-9)
-        last_log.update(time=now, step=state.step)
-        eta = (total_steps - state.step) / steps_per_s if steps_per_s > 0 else float("inf")
-        losses_text = " ".join(f"{k}={v:.4f}" for k, v in window.items() if k == "loss" or k.startswith("loss_"))
-        print(
-            f"[{run_dir.name}] step {state.step}/{total_steps} {losses_text} lr={lr:.2e} "
-            f"{steps_per_s * images_per_step:.1f} img/s eta {_duration(eta)}",
-            flush=True,
-        )
-
-    def after_step(state: TrainState, losses: dict[str, Tensor]) -> bool:
-        bar.update(1)
-        if state.step % config.train.log_every == 0 or state.step == total_steps:
-            window = reduce_mean({k: sum(v) / len(v) for k, v in sorted(state.window.items())})
-            state.window.clear()
-            lr = optimizer.param_groups[0]["lr"]
-            if info.is_main:
-                record = {"type": "train", "step": state.step, "epoch": state.epoch, "lr": lr, **window}
-                record.update(skipped_steps=state.skipped_steps, skipped_samples=state.skipped_samples)
-                _log_line(metrics_path, record)
-                for name, value in window.items():
-                    writer.add_scalar(f"train/{name}", value, state.step)
-                writer.add_scalar("train/lr", lr, state.step)
-                shown = {"loss": window["loss"]}
-                if "loss_distill" in window:
-                    shown["distill"] = window["loss_distill"]
-                bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()} | {"lr": f"{lr:.2e}"})
-                if plain_lines:
-                    log_plain(window, lr)
-        evaluated = state.step % eval_every == 0 or state.step == total_steps
-        metrics = None
-        is_best = False
-        if evaluated and "val" in eval_loaders:
-            metrics = run_evaluation("val")
-            if info.is_main and (state.best_metric is None or metrics["mAP"] > state.best_metric):
-                state.best_metric, state.best_step, is_best = metrics["mAP"], state.step, True
-            if plain_lines:
-                print(
-                    f"[{run_dir.name}] step {state.step}/{total_steps} val mAP {metrics['mAP']:.4f} "
-                    f"AP50 {metrics['AP50']:.4f} (best {state.best_metric:.4f} at step {state.best_step})",
-                    flush=True,
-                )
-                last_log["time"] = time.time()  # the evaluation is not training speed
-        if evaluated and "val" not in eval_loaders:
-            is_best = True  # without validation, the latest weights are the ones to keep
-        if evaluated or state.step % checkpoint_every == 0 or interrupt.requested:
-            save(metrics, is_best)
-        if interrupt.requested:
-            return False
-        return state.step < total_steps
-
+    log = _RunLog(
+        run_dir,
+        total_steps,
+        state.step,
+        resumed=checkpoint is not None,
+        main=info.is_main,
+        progress=progress,
+        images_per_step=config.train.batch_size * info.world_size,
+    )
+    parts = {"model": model, "student": student, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+    step_options = dict(
+        scheduler=scheduler,
+        scaler=scaler,
+        clip_grad_norm=config.train.clip_grad_norm,
+        max_bad_steps=config.train.max_bad_steps,
+        distributed=info.distributed,
+        extra_grads=list(model.connectors.parameters()) if isinstance(model, Distiller) else [],
+    )
     try:
         with _Interrupt() as interrupt:
             while state.step < total_steps and not interrupt.requested:
-                epoch = state.step // steps_per_epoch
-                set_epoch(train_loader, epoch, skip_batches=state.step - epoch * steps_per_epoch)
-                train_one_epoch(
-                    model,
-                    optimizer,
-                    train_loader,
-                    device,
-                    epoch,
-                    state=state,
-                    scheduler=scheduler,
-                    scaler=scaler,
-                    clip_grad_norm=config.train.clip_grad_norm,
-                    max_bad_steps=config.train.max_bad_steps,
-                    max_steps=total_steps,
-                    distributed=info.distributed,
-                    extra_grads=model.connectors.parameters() if isinstance(model, Distiller) else (),
-                    after_step=after_step,
-                )
+                state.epoch = state.step // steps_per_epoch
+                set_epoch(train_loader, state.epoch, skip_batches=state.step - state.epoch * steps_per_epoch)
+                model.train()
+                for images, targets, skipped in train_loader:
+                    state.skipped_samples += skipped
+                    if not images:  # every image of the batch failed to load
+                        continue
+                    train_step(model, optimizer, images, targets, device, state=state, **step_options)
+                    log.advance()
+                    done = state.step >= total_steps
+                    if state.step % config.train.log_every == 0 or done:
+                        log.train(state, optimizer.param_groups[0]["lr"])
+                    evaluated = state.step % eval_every == 0 or done
+                    metrics, is_best = None, False
+                    if evaluated and "val" in eval_loaders:
+                        metrics = evaluate(model, eval_loaders["val"], device, progress=progress)
+                        model.train()
+                        if info.is_main and (state.best_metric is None or metrics["mAP"] > state.best_metric):
+                            state.best_metric, state.best_step, is_best = metrics["mAP"], state.step, True
+                        log.evaluation("val", state, metrics)
+                    elif evaluated:
+                        is_best = True  # without validation, the latest weights are the ones to keep
+                    if info.is_main and (evaluated or state.step % checkpoint_every == 0 or interrupt.requested):
+                        _save_run(run_dir, config, meta, state, metrics, is_best, **parts)
+                    if done or interrupt.requested:
+                        break
             if interrupt.requested:
                 raise RunInterrupted(f"interrupted at step {state.step}; {last} saved, run again to resume")
-        bar.close()
+        log.bar.close()
 
         results: dict[str, Any] = {
             "steps": state.step,
@@ -642,7 +704,8 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
         if "test" in eval_loaders and best.is_file():
             # The test split is evaluated once, with the weights chosen on validation.
             unwrap(student).load_state_dict(load_checkpoint(best)["model"])
-            results["test"] = run_evaluation("test")
+            results["test"] = evaluate(model, eval_loaders["test"], device, progress=progress)
+            log.evaluation("test", state, results["test"])
         results["wall_time_s"] = round(time.time() - started, 1)
         if not info.is_main:
             return None
@@ -652,7 +715,5 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
         plot_run(run_dir)
         return results
     finally:
-        bar.close()
-        if writer is not None:
-            writer.close()
+        log.close()
         cleanup()
