@@ -141,6 +141,10 @@ def test_cross_framework_pairs_distil_with_connectors(student, teacher, loss):
         optimizer.step()
     assert _teacher_unchanged(distiller, before)
     assert all(p.grad is None for p in distiller.teacher.parameters())
+    # What pkd inspect reads: both sides of every pair, the student's through its connector.
+    students, teachers = distiller.paired_features(images)
+    assert list(students) == [p.name for p in distiller.pairs]
+    assert all(students[k].shape[:2] == teachers[k].shape[:2] for k in students)
 
 
 def test_pkd_distill_config_yolo11_to_yolo26_then_export(yolo_teacher, tiny_digits, tmp_path):
