@@ -235,7 +235,8 @@ def export_onnx(
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
+            for message in ("To copy construct from a tensor", "Exporting aten::index", "Constant folding"):
+                warnings.filterwarnings("ignore", message=message, category=UserWarning)
             with torch.no_grad():
                 torch.onnx.export(
                     graph,
