@@ -98,6 +98,18 @@ def test_every_family_exports_whole_and_matches_pytorch_at_other_sizes(name, opt
     assert "RGB in [0, 1]" in metadata["input"]
 
 
+def test_resized_size_is_rounded_as_in_pytorch(tmp_path):
+    # float32 and float64 round floor(side * min_size / short_side) apart for these sizes.
+    torch.manual_seed(0)
+    detector = confident(
+        build_detector("fcos_resnet18_fpn", num_classes=3, min_size=112, max_size=256, fpn_channels=64)
+    )
+    path = deploy.export_onnx(detector, tmp_path / "model.onnx", image_size=(112, 112))
+    images = images_of_sizes((111, 121), (127, 113), (128, 98), (427, 640))
+    comparison = deploy.verify_onnx(path, detector, images)
+    assert comparison.ok and comparison.max_box_difference < 0.01, comparison.summary()
+
+
 def test_fixed_batch_and_size(tmp_path):
     torch.manual_seed(0)
     detector = confident(build_detector("fcos_resnet18_fpn", **TINY, fpn_channels=64))
@@ -244,3 +256,17 @@ def test_compare_speed_reports_both_and_their_ratio(tmp_path):
     speed = deploy.compare_speed(detector, path, images_of_sizes((64, 64), (64, 64)), threads=1, warmup=1, rounds=1)
     assert speed["threads"] == 1 and speed["pytorch_images_per_s"] > 0 and speed["onnx_images_per_s"] > 0
     assert speed["onnx_speedup"] == pytest.approx(speed["onnx_images_per_s"] / speed["pytorch_images_per_s"])
+
+
+def test_demo_report_names_the_onnx_student_its_size_and_speed(tiny_run, tiny_digits, tmp_path):
+    from pkd.demo import _deploy_lines, deploy_student
+
+    run, _ = tiny_run
+    images = deploy.load_images(tiny_digits.images["test"], 3)
+    deployed = deploy_student(run, tmp_path / "student_pkd.onnx", images, verify=3)
+    assert deployed["onnx"] == tmp_path / "student_pkd.onnx" and deployed["onnx"].is_file()
+    assert deployed["size_mb"] == pytest.approx(deployed["onnx"].stat().st_size / 1e6)
+    assert deployed["onnx_images_per_s"] > 0 and deployed["pytorch_images_per_s"] > 0
+    text = "\n".join(_deploy_lines(deployed))
+    assert "student_pkd.onnx" in text and " MB" in text and "images/s" in text and "ONNX Runtime" in text
+    assert "not exported" in _deploy_lines({"skipped": "onnx is not installed"})[0]

@@ -34,6 +34,7 @@ with ONNX Runtime behind the same list-of-images interface (``pkd eval --onnx``)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -47,6 +48,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.onnx import operators
+from torchvision.models.detection import transform as detection_transform
 
 __all__ = [
     "BOX_TOLERANCE",
@@ -136,6 +139,54 @@ class BatchedDetector(nn.Module):
             [torch.zeros_like(output["labels"], dtype=torch.int64) + index for index, output in enumerate(outputs)]
         )
         return boxes, scores, labels, image_index
+
+
+def _resize_as_eager(
+    image: Tensor, self_min_size: int, self_max_size: int, target: dict | None = None, fixed_size=None
+) -> tuple[Tensor, dict | None]:
+    """torchvision's evaluation resize, traced so that ONNX picks the size PyTorch eager picks.
+
+    Eager torchvision computes the scale in Python floats (float64) and the resized size as
+    ``floor(side * scale)``; its tracing path computes both in float32, so a side such as
+    ``111 * (112 / 111)`` becomes 112 in the graph where eager gets 111.99999999999999 -> 111
+    (or the reverse): the image one pixel larger or smaller, and detections a pixel and a
+    percent of score off (3 of 8 test images of the quick demo, sized 97-128 px for a
+    ``min_size`` of 112). This computes the size in float64 on 1-D tensors (the exporter casts
+    0-d results to float32) and resizes to it; the interpolation is the same bilinear one.
+
+    Args:
+        image: ``(3, H, W)``.
+        self_min_size: The transform's ``min_size[-1]``.
+        self_max_size: The transform's ``max_size``.
+        target: None at evaluation (anything else goes to torchvision's own resize).
+        fixed_size: The transform's ``fixed_size`` (not None: torchvision's own resize).
+
+    Returns:
+        The resized ``(3, H', W')`` image and ``target``.
+    """
+    if target is not None or fixed_size is not None or not torch.jit.is_tracing():
+        return _TORCHVISION_RESIZE(image, self_min_size, self_max_size, target, fixed_size)
+    shape = operators.shape_as_tensor(image)[-2:].to(torch.float64)
+    limits = torch.tensor([float(self_min_size), float(self_max_size)], dtype=torch.float64)
+    scale = torch.minimum(limits[:1] / shape.min(0, keepdim=True)[0], limits[1:] / shape.max(0, keepdim=True)[0])
+    size = torch.floor(shape * scale).to(torch.int64)
+    resized = torch.nn.functional.interpolate(
+        image[None], size=[size[0], size[1]], mode="bilinear", align_corners=False
+    )
+    return resized[0], target
+
+
+_TORCHVISION_RESIZE = detection_transform._resize_image_and_masks
+
+
+@contextlib.contextmanager
+def _eager_resize():
+    """While tracing, torchvision's detection transform resizes with :func:`_resize_as_eager`."""
+    detection_transform._resize_image_and_masks = _resize_as_eager
+    try:
+        yield
+    finally:
+        detection_transform._resize_image_and_masks = _TORCHVISION_RESIZE
 
 
 def detector_metadata(detector: nn.Module, meta: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -237,7 +288,7 @@ def export_onnx(
             warnings.simplefilter("ignore", FutureWarning)
             for message in ("To copy construct from a tensor", "Exporting aten::index", "Constant folding"):
                 warnings.filterwarnings("ignore", message=message, category=UserWarning)
-            with torch.no_grad():
+            with torch.no_grad(), _eager_resize():
                 torch.onnx.export(
                     graph,
                     (example,),
