@@ -83,17 +83,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = getattr(config.data, args.split)
     if split is None:
         raise ConfigError(f"data.{args.split}: this config has no {args.split} split")
-    model, meta = load_detector(args.checkpoint)
+    if args.onnx is not None:
+        from pkd.deploy import OnnxDetector
+
+        model = OnnxDetector(args.onnx)
+        meta = {"detector": f"{model.metadata.get('detector', 'detector')} (ONNX Runtime, {args.onnx})"}
+        meta["label_map"] = model.metadata.get("label_map") or None
+        device = resolve_device("cpu")
+    else:
+        model, meta = load_detector(args.checkpoint)
+        device = resolve_device(config.train.device)
     dataset = CocoDetection(split.annotations, split.images, transforms=eval_transforms(), label_map=meta["label_map"])
     loader = build_loader(
         dataset, batch_size=config.train.batch_size, train=False, workers=config.data.workers, distributed=False, seed=0
     )
-    device = resolve_device(config.train.device)
     metrics = evaluate(model.to(device), loader, device, progress=sys.stderr.isatty())
     _print_metrics(f"{meta['detector']} on {args.split} ({len(dataset)} images):", metrics)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
+
+
+def _export_ultralytics(exported: Path, out: Path) -> None:
+    from pkd.build import load_detector
+    from pkd.yolo import YoloDetector, save_ultralytics
+
+    model, meta = load_detector(exported)
+    if not isinstance(model, YoloDetector):
+        raise ValueError(f"--ultralytics is for YOLO students; this one is a {meta['detector']}")
+    native = save_ultralytics(model, out, meta.get("class_names"))
+    print(f"and in Ultralytics' format (a pickle, for ultralytics.YOLO) to {native}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -103,17 +122,31 @@ def cmd_export(args: argparse.Namespace) -> int:
     if source.is_dir():
         source = source / f"{args.which}.pt"
     checkpoint = load_checkpoint(source)
-    out = export_student(checkpoint, args.out, half=args.half)
-    print(f"{checkpoint_summary(checkpoint)}\nexported the student to {out}")
-    if args.ultralytics:
-        from pkd.build import load_detector
-        from pkd.yolo import YoloDetector, save_ultralytics
+    if args.format == "pt":
+        out = export_student(checkpoint, args.out, half=args.half)
+        print(f"{checkpoint_summary(checkpoint)}\nexported the student to {out}")
+        if args.ultralytics:
+            _export_ultralytics(out, args.ultralytics)
+        return 0
+    from pkd.deploy import export_run_onnx
 
-        model, meta = load_detector(out)
-        if not isinstance(model, YoloDetector):
-            raise ValueError(f"--ultralytics is for YOLO students; this one is a {meta['detector']}")
-        native = save_ultralytics(model, args.ultralytics, meta.get("class_names"))
-        print(f"and in Ultralytics' format (a pickle, for ultralytics.YOLO) to {native}")
+    if args.half:
+        raise ValueError("--half is for --format pt (the ONNX graph keeps float32 weights)")
+    print(checkpoint_summary(checkpoint))
+    done = export_run_onnx(
+        source,
+        args.out,
+        images=args.images,
+        count=args.verify_images,
+        image_size=tuple(args.size) if args.size else None,
+        batch_size=args.batch,
+        dynamic_size=not args.fixed_size,
+        score_threshold=args.verify_threshold,
+    )
+    print(f"exported the student to {done.pytorch} (PyTorch) and {done.onnx} (ONNX, {done.size_bytes / 1e6:.1f} MB)")
+    print(f"verified with ONNX Runtime on {done.images}: {done.comparison.summary()}")
+    if args.ultralytics:
+        _export_ultralytics(done.pytorch, args.ultralytics)
     return 0
 
 
@@ -209,16 +242,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="COCO box mAP of a checkpoint on a split of a config's data")
     _add_config_arguments(evaluate)
-    evaluate.add_argument("--checkpoint", required=True, type=Path, help="run checkpoint or exported student")
+    model = evaluate.add_mutually_exclusive_group(required=True)
+    model.add_argument("--checkpoint", type=Path, help="run checkpoint or exported student")
+    model.add_argument("--onnx", type=Path, help="ONNX file of `pkd export --format onnx`, run with ONNX Runtime")
     evaluate.add_argument("--split", default="val", choices=("val", "test"), help="which split (default val)")
     evaluate.add_argument("--json", help="also write the metrics to this JSON file")
     evaluate.set_defaults(handler=cmd_eval)
 
-    export = commands.add_parser("export", help="write the student alone as a plain torchvision state_dict")
+    export = commands.add_parser(
+        "export",
+        help="write the student alone: a plain torchvision state_dict, or an ONNX graph checked with ONNX Runtime",
+        description="--format pt writes the student's weights; --format onnx writes them too (OUT with .pt) "
+        "and the whole detector as an ONNX graph (pre- and post-processing inside), run with ONNX Runtime "
+        "on real images and compared with PyTorch before it is kept.",
+    )
     export.add_argument("run", help="run folder (or a checkpoint file)")
-    export.add_argument("--out", required=True, type=Path, help="output file, e.g. student.pt")
+    export.add_argument("--out", required=True, type=Path, help="output file, e.g. student.pt or student.onnx")
     export.add_argument("--which", default="best", choices=("best", "last"), help="checkpoint of the run folder")
-    export.add_argument("--half", action="store_true", help="store the weights as float16 (half the size)")
+    export.add_argument("--format", default="pt", choices=("pt", "onnx"), help="what to write (default pt)")
+    export.add_argument("--half", action="store_true", help="store the weights as float16 (half the size; pt only)")
+    onnx = export.add_argument_group("onnx")
+    onnx.add_argument("--images", type=Path, help="images to verify on (default: the run's validation images)")
+    onnx.add_argument("--verify-images", type=int, default=8, metavar="N", help="how many of them (default 8)")
+    onnx.add_argument(
+        "--verify-threshold", type=float, default=0.3, metavar="SCORE", help="detections compared (default 0.3)"
+    )
+    onnx.add_argument(
+        "--size", type=int, nargs=2, metavar=("H", "W"), help="image size traced (default: the eval size, square)"
+    )
+    onnx.add_argument("--fixed-size", action="store_true", help="the graph takes --size only (default: any size)")
+    onnx.add_argument("--batch", type=int, default=1, help="images per call, fixed in the graph (default 1)")
     export.add_argument(
         "--ultralytics", type=Path, metavar="PATH", help="YOLO students: also write an Ultralytics .pt (a pickle)"
     )

@@ -239,6 +239,7 @@ class DemoReport:
     plot: Path
     wall_time_s: float
     stage_times_s: dict[str, float] = field(default_factory=dict)  # dataset, teacher, students, report
+    deploy: dict[str, Any] = field(default_factory=dict)  # the PKD student in ONNX (deploy_student)
 
     def table(self) -> str:
         """The rows as a Markdown table (pycocotools' -1, no objects of that size, shown as n/a)."""
@@ -254,6 +255,34 @@ class DemoReport:
                 f"| {reach} |"
             )
         return "\n".join(lines)
+
+
+def deploy_student(run_dir: Path, out: Path, images: list, *, verify: int = 8) -> dict[str, Any]:
+    """Exports a student run to ONNX (verified with ONNX Runtime) and measures both runtimes.
+
+    Args:
+        run_dir: The student's run folder (its ``best.pt`` is exported).
+        out: The ``.onnx`` file (the PyTorch export goes next to it, as ``.pt``).
+        images: ``(3, H, W)`` float images in [0, 1]: the first ``verify`` check the export,
+            all of them time both runtimes, one image per call, with torch's thread count.
+        verify: How many images check the export.
+
+    Returns:
+        ``{"onnx", "size_mb", "verified", "threads", "pytorch_images_per_s", "onnx_images_per_s",
+        "onnx_speedup"}``, or ``{"skipped": reason}`` without the onnx extra.
+    """
+    from pkd import deploy
+    from pkd.build import load_detector
+
+    try:
+        done = deploy.export_run_onnx(run_dir / "best.pt", out, images=images[:verify])
+    except deploy.DeployError as error:
+        if "not installed" not in str(error):
+            raise
+        return {"skipped": str(error)}
+    detector, _ = load_detector(done.pytorch)
+    speed = deploy.compare_speed(detector, done.onnx, images)
+    return {"onnx": done.onnx, "size_mb": done.size_bytes / 1e6, "verified": done.comparison.summary(), **speed}
 
 
 def get_preset(name: str) -> Preset:
@@ -422,9 +451,14 @@ def run_demo(
         if name != "alone":  # how early distillation gets where the student alone ends
             rows[name]["reaches_alone_at_step"] = first_step_reaching(validation_curve(run_dir), alone_final)
     plot = plot_runs(list(run_dirs.values()), workdir / f"map_{preset}.png", labels=[RUN_LABELS[n] for n in run_dirs])
+    deployed = {}
+    if "pkd" in run_dirs:
+        log("      the PKD student in ONNX: export, check with ONNX Runtime, speed")
+        images = [test_set[index][0] for index in range(min(20, len(test_set)))]
+        deployed = deploy_student(run_dirs["pkd"], workdir / f"student_pkd_{preset}.onnx", images)
     stage_done("report")
     wall_time = round(sum(stage_times.values()), 1)
-    report = DemoReport(preset, rows, workdir / "report.md", plot, wall_time, stage_times)
+    report = DemoReport(preset, rows, workdir / "report.md", plot, wall_time, stage_times, deployed)
     _write_report(report, settings, run_dirs, teacher)
     return report
 
@@ -447,9 +481,25 @@ def _write_report(report: DemoReport, settings: Preset, run_dirs: dict[str, Path
         "",
         *[f"- {RUN_LABELS[name]}: `{path}`" for name, path in run_dirs.items()],
         "",
+        *_deploy_lines(report.deploy),
         f"Wall time of this `pkd demo` call: {report.wall_time_s / 60:.1f} min ("
         + ", ".join(f"{stage} {seconds / 60:.1f}" for stage, seconds in report.stage_times_s.items())
         + " min; finished runs are reused, not retrained).",
         "",
     ]
     report.report.write_text("\n".join(lines))
+
+
+def _deploy_lines(deployed: dict[str, Any]) -> list[str]:
+    if not deployed:
+        return []
+    if "skipped" in deployed:
+        return [f"Deploy: the PKD student was not exported to ONNX ({deployed['skipped']}).", ""]
+    return [
+        f"Deploy: the PKD student in ONNX, `{deployed['onnx']}` ({deployed['size_mb']:.1f} MB, whole detector with "
+        f"pre- and post-processing; `pkd eval --onnx` evaluates it). Checked against PyTorch with ONNX Runtime on "
+        f"test images: {deployed['verified']}. ONNX Runtime (CPU, {deployed['threads']} threads): "
+        f"**{deployed['onnx_images_per_s']:.1f} images/s**, against {deployed['pytorch_images_per_s']:.1f} for "
+        f"PyTorch eager with the same threads and images ({deployed['onnx_speedup']:.2f}x).",
+        "",
+    ]
