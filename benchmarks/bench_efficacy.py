@@ -101,7 +101,9 @@ def calibrate(settings, digits, teacher: Path, batches: int = 5, batch_size: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="default", help="demo preset (quick, default, full, scratch)")
+    parser.add_argument(
+        "--preset", default="default", help="demo preset (quick, default, full, retinanet, yolo, scratch)"
+    )
     parser.add_argument("--workdir", type=Path, default=Path("demo"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--sweep", type=float, nargs="+", help="factors of each loss's preset weight to try")

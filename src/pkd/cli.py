@@ -310,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--scratch", action="store_true", help="the earlier default: teacher and student from random init"
     )
-    size.add_argument("--preset", default="default", help="a preset by name (quick, default, full, scratch)")
+    size.add_argument(
+        "--preset", default="default", help="a preset by name (quick, default, full, retinanet, yolo, scratch)"
+    )
     demo.add_argument("--workdir", type=Path, default=Path("demo"), help="dataset, runs and report (default ./demo)")
     demo.add_argument("--teacher", type=Path, help="use this pkd checkpoint as the teacher instead of training one")
     demo.add_argument("--seed", type=int, default=0, help="seed of the student runs")
