@@ -68,6 +68,9 @@ def test_yolo_names_options_and_errors():
         build_yolo("yolo11n", num_classes=3, norm="group")
     with pytest.raises(ValueError, match="one-to-one head"):
         build_yolo("yolo11n", num_classes=3, end2end=True, **TINY)
+    assert type(build_detector("yolo11n.yaml", num_classes=3, **TINY)).__name__ == "YoloDetector"  # packaged yaml
+    with pytest.raises(FileNotFoundError, match="my-yolo.yaml does not exist"):
+        build_detector("cfg/my-yolo.yaml", num_classes=3)
     wide = build_yolo("yolo11n", num_classes=3, min_size=64, max_size=64, width=0.25)
     narrow = build_yolo("yolo11n", num_classes=3, **TINY)
     assert sum(p.numel() for p in wide.parameters()) > 2 * sum(p.numel() for p in narrow.parameters())

@@ -256,7 +256,8 @@ class YoloDetector(nn.Module):
 def _model_dict(name: str, width: float | None, depth: float | None) -> dict[str, Any]:
     _, tasks, _, _ = _ultralytics()
     source = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
-    if source == name and not Path(name).is_file():
+    # "yolo11n.yaml" is Ultralytics' packaged config; a path with a folder must exist.
+    if source == name and len(Path(name).parts) > 1 and not Path(name).is_file():
         raise FileNotFoundError(f"YOLO model yaml {name} does not exist")
     with _quiet():
         spec = tasks.yaml_model_load(source)
@@ -286,16 +287,14 @@ def _ultralytics_state_dict(path: Path) -> dict[str, Tensor]:
 
 
 def _load(detector: YoloDetector, path: Path) -> None:
+    own = detector.state_dict()
+    native = False
     try:
         state_dict, _ = read_weights(path)
-        own = detector.state_dict()
-        if not set(state_dict) & set(own):  # a bare DetectionModel state_dict
-            state_dict = {f"model.{k}": v for k, v in state_dict.items()}
-        native = False
     except PickledFileError:
-        state_dict = {f"model.{k}": v for k, v in _ultralytics_state_dict(path).items()}
-        native = True
-    own = detector.state_dict()
+        state_dict, native = _ultralytics_state_dict(path), True
+    if not set(state_dict) & set(own):  # keys of Ultralytics' DetectionModel, without our "model." prefix
+        state_dict = {f"model.{k}": v for k, v in state_dict.items()}
     head = f"model.model.{len(detector.model.model) - 1}."
     missing = [k for k in own if k not in state_dict]
     mismatched = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
