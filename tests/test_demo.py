@@ -71,6 +71,31 @@ def test_second_call_reuses_finished_runs(quick_demo):
     assert second.rows["pkd"]["mAP"] == first.rows["pkd"]["mAP"]
 
 
+def test_a_run_with_other_loader_workers_is_reused_and_a_changed_schedule_is_not(quick_demo, tmp_path):
+    import shutil
+
+    import yaml
+
+    from pkd.demo import _config, _same_config, demo_dataset, train_student
+
+    workdir, _, _ = quick_demo
+    settings = PRESETS["quick"]
+    digits = demo_dataset(settings, workdir, log=lambda message: None)
+    run_dir = tmp_path / "alone"
+    shutil.copytree(workdir / "runs" / "quick" / "alone", run_dir)
+    config = _config(settings, digits, run_dir, settings.student, settings.student_train, seed=0)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved["data"]["workers"] = 3  # how data is loaded does not change what the run trains
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert _same_config(run_dir, config)
+    messages = []
+    train_student(settings, digits, run_dir, seed=0, log=messages.append, label="alone")
+    assert messages == [f"      alone: reusing {run_dir}"]
+    saved["train"]["lr"] = 0.5  # a learning rate does
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert not _same_config(run_dir, config)
+
+
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         run_demo("huge")
