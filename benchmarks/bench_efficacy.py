@@ -77,27 +77,25 @@ def _one_thread() -> None:
 
 
 def _train(
-    preset: str, workdir: Path, run_dir: Path, distill: dict | None, seed: int, teacher: Path, progress: bool | None
+    settings, digits, run_dir: Path, distill: dict | None, seed: int, teacher: Path, progress: bool | None
 ) -> None:
-    """One student run (in a worker process with ``--jobs``; the dataset is built once and reused)."""
-    settings = get_preset(preset)
-    digits = demo_dataset(settings, workdir, log=lambda message: None)
+    """One student run (pickled to a worker process with ``--jobs``)."""
     label = f"{run_name(distill)}, seed {seed}"
     train_student(
         settings, digits, run_dir, seed=seed, distill=distill, teacher=teacher, label=label, progress=progress
     )
 
 
-def train_all(tasks: list[tuple[Path, dict | None, int]], preset: str, workdir: Path, teacher: Path, jobs: int) -> None:
+def train_all(tasks: list[tuple[Path, dict | None, int]], settings, digits, teacher: Path, jobs: int) -> None:
     """Trains ``(run_dir, distill, seed)`` runs, ``jobs`` at a time (finished runs are reused)."""
     if jobs <= 1:
         for task in tasks:
-            _train(preset, workdir, *task, teacher, progress=None)
+            _train(settings, digits, *task, teacher, progress=None)
         return
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or CUDA state inherited
     # No progress bars: the lines of several runs interleave; each line names its run.
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread) as pool:
-        futures = [pool.submit(_train, preset, workdir, *task, teacher, False) for task in tasks]
+        futures = [pool.submit(_train, settings, digits, *task, teacher, False) for task in tasks]
         for future in futures:
             future.result()  # re-raises a failed run's error here
 
@@ -177,7 +175,7 @@ def main() -> None:
 
     def train(runs: list[tuple[dict | None, int]]) -> None:
         tasks = [(run_dir_of(distill, seed), distill, seed) for distill, seed in runs]
-        train_all(tasks, args.preset, args.workdir, teacher, args.jobs)
+        train_all(tasks, settings, digits, teacher, args.jobs)
 
     bases = {loss: {**settings.distill[loss], "pairing": args.pairing} for loss in losses}
     candidates = {
