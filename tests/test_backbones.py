@@ -8,7 +8,8 @@ from torch import nn
 
 from pkd.backbones import OFFLINE_WEIGHTS, TimmBackboneWithFPN, map_by_order, offline_state_dict
 from pkd.distiller import Distiller
-from pkd.models import build_detector, detector_names, parse_detector_name
+from pkd.families.torchvision import detector_names, parse_detector_name
+from pkd.models import build_detector
 
 # A CNN (NCHW features) and a Swin transformer (NHWC features), both shrunk to test size.
 CNN = ("timm_tf_efficientnet_lite0", {})

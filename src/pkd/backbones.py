@@ -4,8 +4,8 @@ Any timm model that supports ``features_only`` can carry a torchvision detector:
 their strides and channel counts are read from timm's ``feature_info`` (data, not a table
 here), the levels a family expects are picked by stride (4-32 for Faster / Mask R-CNN, 8-32
 for RetinaNet / FCOS) and torchvision's :class:`~torchvision.ops.FeaturePyramidNetwork` adds
-the extra levels. Backbones whose features come out channels-last (Swin and other
-transformers in timm) are permuted to ``(N, C, H, W)``.
+the extra levels. Backbones whose features come out channels-last (Swin and every other
+vision transformer in timm) are permuted to ``(N, C, H, W)``.
 
 Weights for such a backbone come from one of three places:
 
@@ -275,7 +275,7 @@ class TimmBackboneWithFPN(nn.Module):
         out_channels: FPN width.
         extra_blocks: torchvision's extra levels (``LastLevelMaxPool``, ``LastLevelP6P7``).
         norm_layer: norm inside the FPN (``None``: none).
-        channels_last: ``body`` returns ``(N, H, W, C)`` maps (timm transformers).
+        channels_last: ``body`` returns ``(N, H, W, C)`` maps (timm's Swin and the like).
     """
 
     def __init__(

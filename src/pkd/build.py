@@ -19,7 +19,8 @@ from torch import nn
 from pkd.checkpoint import CheckpointError, PickledFileError, load_checkpoint, read_weights
 from pkd.config import DistillConfig, ModelConfig
 from pkd.distiller import Distiller
-from pkd.models import build_detector, detect_norm
+from pkd.families import family_of
+from pkd.models import build_detector
 
 __all__ = [
     "build_distiller",
@@ -95,7 +96,7 @@ def build_model(
         skip_resize=skip_resize,
         **build,
     )
-    build.update(norm=detect_norm(model.state_dict()), min_size=eval_size, max_size=max_size)
+    build.update(family_of(model).resolved_options(model), min_size=eval_size, max_size=max_size)
     return model, {"detector": name, "num_classes": num_classes, "build": build}
 
 

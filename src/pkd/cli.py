@@ -106,12 +106,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _export_ultralytics(exported: Path, out: Path) -> None:
     from pkd.build import load_detector
-    from pkd.yolo import YoloDetector, save_ultralytics
+    from pkd.families import describe, family_of
 
     model, meta = load_detector(exported)
-    if not isinstance(model, YoloDetector):
+    if describe(model).export.native_format != "ultralytics":
         raise ValueError(f"--ultralytics is for YOLO students; this one is a {meta['detector']}")
-    native = save_ultralytics(model, out, meta.get("class_names"))
+    native = family_of(model).export_native(model, Path(out), meta.get("class_names"))
     print(f"and in Ultralytics' format (a pickle, for ultralytics.YOLO) to {native}")
 
 

@@ -51,6 +51,9 @@ from torch import Tensor, nn
 from torch.onnx import operators
 from torchvision.models.detection import transform as detection_transform
 
+from pkd.families import describe
+from pkd.features import submodule
+
 __all__ = [
     "BOX_TOLERANCE",
     "OPSET",
@@ -209,8 +212,8 @@ def detector_metadata(detector: nn.Module, meta: Mapping[str, Any] | None = None
             "max_size": int(transform.max_size),
             "size_divisible": int(transform.size_divisible),
         }
+    owner = submodule(detector, describe(detector).export.thresholds_at)
     for attribute in ("score_thresh", "nms_thresh", "detections_per_img"):
-        owner = getattr(detector, "roi_heads", detector)
         if hasattr(owner, attribute):
             metadata[attribute] = getattr(owner, attribute)
     if meta is not None:

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pkd.features import FeatureTap, LevelPair, as_levels, build_connectors, pair_levels, probe_levels, submodule
+from pkd.families import describe
+from pkd.features import FeatureTap, LevelPair, as_levels, build_connectors, pair_levels, submodule
 from pkd.losses import LOSSES
-from pkd.models import is_two_stage
 
 __all__ = ["Distiller", "default_weight"]
 
@@ -26,15 +26,11 @@ LevelLoss = Callable[[Tensor, Tensor], Tensor]
 
 
 def default_weight(teacher: nn.Module) -> float:
-    """The reference configs' loss weight: 6 with a two-stage teacher, 10 with a one-stage one."""
-    return 6.0 if is_two_stage(teacher) else 10.0
+    """The weight the teacher declares (:attr:`pkd.detector.DetectorSpec.distill_weight`).
 
-
-def _normalisation(model: nn.Module) -> tuple[list[float], list[float]] | None:
-    transform = getattr(model, "transform", None)
-    if transform is None or not hasattr(transform, "image_mean"):
-        return None
-    return list(transform.image_mean), list(transform.image_std)
+    For torchvision teachers it is the reference configs': 6 two-stage, 10 one-stage.
+    """
+    return describe(teacher).distill_weight
 
 
 class Distiller(nn.Module):
@@ -73,9 +69,12 @@ class Distiller(nn.Module):
         warmup_steps: ramp the weight linearly from ``weight / warmup_steps`` to ``weight``.
         resize: when a pair's spatial sizes differ, resize the ``"student"`` map (the
             reference) or the ``"teacher"`` map.
-        student_path: dotted path of the student's feature module (``"backbone"``).
+        student_path: dotted path of the student's feature module (default: what the student
+            declares, :attr:`pkd.detector.DetectorSpec.features`).
         teacher_path: same for the teacher.
-        probe_size: side of the blank image used once to learn both models' levels.
+
+    Levels, strides, channels and pixel normalisation come from what each detector declares
+    (:func:`pkd.families.describe`), never from its class.
 
     Example:
         >>> teacher = build_detector("fasterrcnn_resnet18_fpn", num_classes=3, min_size=64, max_size=64)
@@ -99,9 +98,8 @@ class Distiller(nn.Module):
         distill_until: int | None = None,
         warmup_steps: int = 0,
         resize: str = "student",
-        student_path: str = "backbone",
-        teacher_path: str = "backbone",
-        probe_size: int = 256,
+        student_path: str | None = None,
+        teacher_path: str | None = None,
     ) -> None:
         super().__init__()
         if isinstance(loss, str):
@@ -119,29 +117,27 @@ class Distiller(nn.Module):
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
 
+        student_spec, teacher_spec = describe(student), describe(teacher)
         self.student = student
         # Stored outside the module tree: the teacher is not the student's to save, move by
         # accident with an optimizer, or count as trainable.
         self.__dict__["teacher"] = teacher
         teacher.eval()
         teacher.requires_grad_(False)
-        self.weight = float(default_weight(teacher) if weight is None else weight)
+        self.weight = float(teacher_spec.distill_weight if weight is None else weight)
         self.distill_until = distill_until
         self.warmup_steps = warmup_steps
         self.resize = resize
-        self.student_path = student_path
-        self.teacher_path = teacher_path
+        self.student_path = student_spec.features if student_path is None else student_path
+        self.teacher_path = teacher_spec.features if teacher_path is None else teacher_path
         self.step = 0
 
-        student_info = probe_levels(submodule(student, student_path), probe_size)
-        teacher_info = probe_levels(submodule(teacher, teacher_path), probe_size)
-        self.student_strides = {name: stride for name, (stride, _) in student_info.items()}
-        self.teacher_strides = {name: stride for name, (stride, _) in teacher_info.items()}
+        self.student_strides = student_spec.strides
+        self.teacher_strides = teacher_spec.strides
         self.pairs: list[LevelPair] = pair_levels(
             self.student_strides, self.teacher_strides, pairing, levels=levels, max_levels=max_levels
         )
-        student_channels = {name: c for name, (_, c) in student_info.items()}
-        teacher_channels = {name: c for name, (_, c) in teacher_info.items()}
+        student_channels, teacher_channels = student_spec.channels, teacher_spec.channels
         mismatched = [
             f"{p.name}: student {student_channels[p.student]} vs teacher {teacher_channels[p.teacher]} channels"
             for p in self.pairs
@@ -156,12 +152,13 @@ class Distiller(nn.Module):
 
         # When the two detectors normalise pixels differently, the batch the student's backbone
         # saw is re-normalised for the teacher: x_t = x_s * std_s / std_t + (mean_s - mean_t) / std_t.
-        student_norm, teacher_norm = _normalisation(student), _normalisation(teacher)
+        student_norm = (student_spec.image_mean, student_spec.image_std)
+        teacher_norm = (teacher_spec.image_mean, teacher_spec.image_std)
         scale, shift = torch.ones(3), torch.zeros(3)
-        if student_norm is not None and teacher_norm is not None and student_norm != teacher_norm:
+        self.renormalise = student_norm != teacher_norm
+        if self.renormalise:
             (mean_s, std_s), (mean_t, std_t) = (tuple(map(torch.tensor, n)) for n in (student_norm, teacher_norm))
             scale, shift = std_s / std_t, (mean_s - mean_t) / std_t
-        self.renormalise = student_norm != teacher_norm and None not in (student_norm, teacher_norm)
         self.register_buffer("_teacher_scale", scale.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_teacher_shift", shift.view(1, 3, 1, 1), persistent=False)
 

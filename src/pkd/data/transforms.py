@@ -8,7 +8,7 @@ Who resizes:
 
 - **Training**: :func:`train_transforms` resizes (multi-scale, shorter side drawn from
   ``min_sizes``). The detector must then be built with torchvision's ``_skip_resize=True``
-  (a keyword of ``GeneralizedRCNNTransform`` that every torchvision detector forwards), so
+  (a keyword of the detection transform that every torchvision detector forwards), so
   that in training mode its own transform only normalises and pads, and this resize is the
   one used. A distillation teacher fed the same resized images then sees exactly the
   student's pixels, as PKD requires.

@@ -38,8 +38,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert, clip_boxes_to_image
 
 from pkd.checkpoint import PickledFileError, read_weights
+from pkd.detector import DetectorSpec, ExportSpec, Family, Level
 
-__all__ = ["YOLO_NAME", "YoloDetector", "YoloFeatures", "build_yolo", "is_yolo_name", "save_ultralytics"]
+__all__ = ["YOLO_NAME", "YoloDetector", "YoloFamily", "YoloFeatures", "build_yolo", "is_yolo_name", "save_ultralytics"]
 
 #: ``yolov8n``, ``yolo11s``, ``yolo26m``, ...: Ultralytics' detection models at one of its scales.
 YOLO_NAME = re.compile(r"^(?P<family>yolov8|yolo11|yolo26)(?P<scale>[nsmlx])$")
@@ -375,12 +376,49 @@ def build_yolo(
         if not path.is_file():
             raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
         _load(detector, path)
+    detector.pkd_spec = _spec(detector)
     return detector
 
 
-#: What :func:`pkd.models.build_detector` calls for this family.
-matches = is_yolo_name
-build = build_yolo
+def _spec(detector: YoloDetector) -> DetectorSpec:
+    head = detector.head
+    # The Detect head's first conv of each branch reads one level: its input channels are the level's.
+    channels = [int(branch[0].conv.in_channels) for branch in head.cv2]
+    return DetectorSpec(
+        family="yolo",
+        levels={
+            name: Level(int(stride), count)
+            for name, stride, count in zip(detector.backbone.names, head.stride.tolist(), channels, strict=True)
+        },
+        image_mean=(0.0, 0.0, 0.0),
+        image_std=(1.0, 1.0, 1.0),
+        distill_weight=10.0,
+        weight_reason="a one-stage dense detector: the reference configs use 10 with a one-stage teacher",
+        export=ExportSpec(native_format="ultralytics"),
+    )
+
+
+class YoloFamily(Family):
+    """Ultralytics YOLOv8, YOLO11 and YOLO26 (:func:`build_yolo`); ``pip install "pkd[yolo]"``, AGPL-3.0."""
+
+    name = "yolo"
+    options = (*_OPTIONS, "norm")
+    pattern = "or the path of an Ultralytics model yaml"
+
+    def names(self) -> list[str]:
+        return names()
+
+    def matches(self, name: str) -> bool:
+        return is_yolo_name(name)
+
+    def build(self, name: str, **options: Any) -> nn.Module:
+        return build_yolo(name, **options)
+
+    def describe(self, model: nn.Module) -> DetectorSpec | None:
+        return _spec(model) if isinstance(model, YoloDetector) else None
+
+    def export_native(self, model: nn.Module, path: Path, class_names=None) -> Path:
+        return save_ultralytics(model, path, class_names)
 
 
 def save_ultralytics(detector: YoloDetector, path: str | Path, class_names: dict[int, str] | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""Tests of pkd.models: detector builders on torchvision, never downloading."""
+"""Tests of pkd.families.torchvision: detector builders on torchvision, never downloading."""
 
 import pytest
 import torch
@@ -6,7 +6,8 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from pkd.models import build_detector, count_parameters, detector_names, is_two_stage, parse_detector_name
+from pkd.families.torchvision import detector_names, is_two_stage, parse_detector_name
+from pkd.models import build_detector, count_parameters
 
 TINY = dict(num_classes=3, min_size=64, max_size=64)
 
@@ -84,7 +85,7 @@ def test_skip_resize_and_sizes_reach_the_transform():
 
 
 def test_unknown_names_list_the_known_ones():
-    with pytest.raises(ValueError, match="known detectors: .*fcos_resnet18_fpn"):
+    with pytest.raises(ValueError, match="Known detectors by family: .*fcos_resnet18_fpn"):
         build_detector("yolo_resnet18_fpn", **TINY)
     with pytest.raises(ValueError, match="known backbones"):
         build_detector("fcos_resnet18_fpn", backbone="vgg16", **TINY)

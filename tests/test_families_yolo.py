@@ -1,4 +1,4 @@
-"""Tests of pkd.yolo: Ultralytics YOLO models as pkd students and teachers (offline, CPU)."""
+"""Tests of pkd.families.yolo: Ultralytics YOLO models as pkd students and teachers (offline, CPU)."""
 
 import json
 import os
@@ -18,8 +18,8 @@ from pkd.checkpoint import load_checkpoint  # noqa: E402
 from pkd.cli import main  # noqa: E402
 from pkd.distiller import Distiller  # noqa: E402
 from pkd.engine import fit  # noqa: E402
+from pkd.families.yolo import build_yolo  # noqa: E402
 from pkd.models import build_detector, detector_names  # noqa: E402
-from pkd.yolo import build_yolo  # noqa: E402
 
 TINY = {"min_size": 64, "max_size": 64, "width": 0.125}
 
@@ -57,7 +57,7 @@ def test_yolo_trains_and_predicts_in_image_coordinates(name):
 
 
 def test_yolo_names_options_and_errors():
-    assert {"yolov8n", "yolo11s", "yolo26x"} <= set(detector_names(timm_backbones=False))
+    assert {"yolov8n", "yolo11s", "yolo26x"} <= set(detector_names())
     with pytest.raises(ValueError, match="fpn_channels: torchvision options"):
         build_detector("yolo11n", num_classes=3, fpn_channels=64)
     with pytest.raises(ValueError, match="anchor_sizes: not options of YOLO"):
@@ -193,7 +193,7 @@ def test_nothing_reaches_the_network(tmp_path):
         socket.getaddrinfo = refuse
         import torch
         from pkd.models import build_detector
-        from pkd.yolo import save_ultralytics
+        from pkd.families.yolo import save_ultralytics
         model = build_detector("yolo26n", num_classes=3, min_size=64, max_size=64, width=0.125, skip_resize=True)
         images = [torch.rand(3, 64, 64)]
         targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])}]
