@@ -32,18 +32,31 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from pkd.losses import mse_feature_loss, pkd_loss
+from pkd.feature_stats import (
+    MODELS,
+    ChannelDominance,
+    Correlation,
+    CorrelationAccumulator,
+    DominanceAccumulator,
+    GradientAccumulator,
+    GradientShares,
+    HistogramAccumulator,
+    MagnitudeAccumulator,
+    MagnitudeHistogram,
+    StageMapAccumulator,
+    StageMaps,
+)
+from pkd.losses import match_sizes
 
+# The item types live with their accumulators in pkd.feature_stats; they are named here too.
 __all__ = [
     "Analysis",
     "AnalysisAccumulator",
@@ -56,122 +69,6 @@ __all__ = [
     "analyze",
     "format_table",
 ]
-
-MODELS = ("teacher", "student")
-LOSS_NAMES = ("mse", "pkd")
-
-# The histogram's fixed grid covers |x| from 1e-4 to 1e6: FPN activations are of order 0.01-100,
-# smaller magnitudes are indistinguishable from zero for this purpose (they share one central
-# bin), and larger ones (clamped into the outermost bins) would mean a broken model.
-_HIST_LOG10_MIN = -4
-_HIST_LOG10_MAX = 6
-# Elements binned per step: bounds the int64 index temporaries to 32 MiB whatever the batch.
-_HIST_CHUNK = 1 << 22
-
-
-@dataclass
-class MagnitudeHistogram:
-    """Histogram of activation values per stage and model, on one set of bins for all of them.
-
-    The bins are symmetric and log-spaced: ``bins_per_decade`` per decade of ``|x|`` from 1e-4
-    to 1e6 on each side of zero, plus one central bin ``(-1e-4, 1e-4)`` holding the values
-    indistinguishable from zero; values beyond ``±1e6`` are counted in the outermost bins. The
-    grid is fixed, so batches are binned independently and their counts add up exactly; at the
-    end it is cropped to the bins from the first to the last non-empty one over every stage of
-    both models. Show the counts on a log scale (and the values on a symlog axis).
-
-    Attributes:
-        edges: ``B + 1`` increasing bin edges, shared by every stage of both models.
-        teacher: stage name -> ``B`` counts of the teacher's activation values.
-        student: stage name -> ``B`` counts of the student's activation values (not resized).
-    """
-
-    edges: list[float]
-    teacher: dict[str, list[int]]
-    student: dict[str, list[int]]
-
-
-@dataclass
-class ChannelDominance:
-    """How many spatial positions each channel wins the argmax over channels at.
-
-    For each stage and model, every position ``(n, u, v)`` is won by the channel with the
-    largest activation there (the first one on ties).
-
-    Attributes:
-        teacher: stage name -> positions won by each channel, sorted descending (``C`` ints).
-        student: the same for the student.
-        teacher_top_share: stage name -> share of all positions won by the top 1% of the
-            channels, ``ceil(C / 100)`` channels (at least one).
-        student_top_share: the same for the student.
-    """
-
-    teacher: dict[str, list[int]]
-    student: dict[str, list[int]]
-    teacher_top_share: dict[str, float]
-    student_top_share: dict[str, float]
-
-
-@dataclass
-class StageMaps:
-    """The channel-max map of one image per stage, on one scale per model.
-
-    The maps are ``x[0].amax(0)`` of each stage's features in the first batch. All the stages of
-    one model share one linear scale, from the smallest value over its maps (0) to the largest
-    (255), so the magnitude gap between stages stays visible; teacher and student are scaled
-    separately. A model whose maps are constant gets all zeros.
-
-    Attributes:
-        teacher: stage name -> ``(H, W)`` uint8 map at the teacher's resolution.
-        student: stage name -> ``(H, W)`` uint8 map at the student's resolution.
-        teacher_range: the activation values mapped to 0 and to 255 for the teacher.
-        student_range: the same for the student.
-    """
-
-    teacher: dict[str, np.ndarray]
-    student: dict[str, np.ndarray]
-    teacher_range: tuple[float, float]
-    student_range: tuple[float, float]
-
-
-@dataclass
-class GradientShares:
-    """How the distillation gradient w.r.t. the student features splits under MSE and PKD.
-
-    For each batch, the gradient of :func:`~pkd.losses.mse_feature_loss` and of
-    :func:`~pkd.losses.pkd_loss` (summed over stages, as the losses do) w.r.t. the raw student
-    features is taken, and its squared norm is summed per stage and channel over the batches.
-    Shares are fractions of the total (all zeros when the gradient is zero). PKD's batch
-    statistics make its gradient depend on how the data is split into batches, so unlike the
-    other items these shares are those of the batches given, not of one big batch.
-
-    Attributes:
-        stage: loss name (``"mse"``, ``"pkd"``) -> stage name -> share of the squared norm.
-        decile: loss name -> 10 shares of the squared norm, one per channel decile: the channels
-            of each stage are ranked by the teacher channel's mean ``|x|`` and decile 1 (index
-            0) is the 10% largest; deciles are pooled across stages. With fewer than 10 channels
-            in a stage some of its deciles are empty.
-    """
-
-    stage: dict[str, dict[str, float]]
-    decile: dict[str, list[float]]
-
-
-@dataclass
-class Correlation:
-    """Pearson correlation between student and teacher, per channel over all ``N*H*W`` values.
-
-    The quantity PKD maximises: its loss is, per channel, ``(m - 1) / m * (1 - r)``. Computed
-    exactly over all batches from running per-channel moments. A channel that is constant on
-    either side has no defined ``r``; it counts as 0, as in PKD's loss.
-
-    Attributes:
-        mean_r: stage name -> mean of ``r`` over the stage's channels.
-        channel_r: stage name -> ``r`` of each channel (``C`` floats).
-    """
-
-    mean_r: dict[str, float]
-    channel_r: dict[str, list[float]]
 
 
 @dataclass
@@ -283,73 +180,11 @@ class Analysis:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
-class _ChannelMoments:
-    """Per-channel count, means and centred co-moments of ``K`` variables, merged exactly.
-
-    Chunks are merged with the pairwise update of Chan, Golub and LeVeque,
-    ``M_ab = M_ab' + M_ab'' + d_a * d_b * n' * n'' / n`` with ``d`` the difference of the chunk
-    means, which equals a single pass over all values up to rounding, without raw sums of
-    squares (those lose every digit when a channel's mean is far larger than its spread).
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: Tensor | None = None  # (K, C) float64
-        self.comoment: Tensor | None = None  # (K, K, C) float64: sum of (x_a - mean_a)(x_b - mean_b)
-
-    def update(self, values: Tensor) -> None:
-        """Adds one chunk.
-
-        Args:
-            values: ``(K, C, M)``: ``M`` new values of ``K`` variables for each of ``C`` channels.
-        """
-        values = values.double()
-        chunk_count = values.shape[-1]
-        chunk_mean = values.mean(-1)
-        centred = values - chunk_mean[..., None]
-        chunk_comoment = torch.einsum("acm,bcm->abc", centred, centred).cpu()
-        chunk_mean = chunk_mean.cpu()
-        if self.mean is None:
-            self.count, self.mean, self.comoment = chunk_count, chunk_mean, chunk_comoment
-            return
-        total = self.count + chunk_count
-        delta = chunk_mean - self.mean
-        self.comoment += chunk_comoment + delta[:, None] * delta[None] * (self.count * chunk_count / total)
-        self.mean += delta * (chunk_count / total)
-        self.count = total
-
-
-def _histogram_edges(bins_per_decade: int) -> np.ndarray:
-    """The fixed symmetric log grid of :class:`MagnitudeHistogram`: ``2K + 2`` edges, ``2K + 1`` bins."""
-    decades = _HIST_LOG10_MAX - _HIST_LOG10_MIN
-    positive = 10.0 ** (_HIST_LOG10_MIN + np.arange(decades * bins_per_decade + 1) / bins_per_decade)
-    return np.concatenate([-positive[::-1], positive])
-
-
-def _histogram_counts(x: Tensor, bins_per_decade: int) -> Tensor:
-    """Counts of ``x``'s values in the bins of :func:`_histogram_edges`, as a CPU int64 tensor."""
-    per_side = (_HIST_LOG10_MAX - _HIST_LOG10_MIN) * bins_per_decade
-    counts = torch.zeros(2 * per_side + 1, dtype=torch.int64)
-    flat = x.detach().reshape(-1)
-    for start in range(0, flat.numel(), _HIST_CHUNK):
-        values = flat[start : start + _HIST_CHUNK].float()
-        magnitude = values.abs()
-        # Bin k on the positive side holds [10^(min + k/B), 10^(min + (k+1)/B)); the negative side
-        # mirrors it, and the central bin (index per_side) holds everything closer to zero.
-        k = ((magnitude.clamp_min(10.0**_HIST_LOG10_MIN).log10() - _HIST_LOG10_MIN) * bins_per_decade).floor()
-        k = k.long().clamp(0, per_side - 1)
-        index = torch.where(values > 0, per_side + 1 + k, per_side - 1 - k)
-        index = torch.where(magnitude < 10.0**_HIST_LOG10_MIN, per_side, index)
-        counts += torch.bincount(index, minlength=counts.numel()).cpu()
-    return counts
-
-
 class AnalysisAccumulator:
     """Accumulates the items of :class:`Analysis` batch by batch in bounded memory.
 
-    Per stage and model it keeps histogram counts, argmax counts and per-channel moments (all of
-    fixed size), the squared gradient norms per channel, and the first image's channel-max maps;
-    nothing grows with the number of batches.
+    It checks each batch and hands every stage to the statistics' own accumulators
+    (:mod:`pkd.feature_stats`), each of fixed size: nothing grows with the number of batches.
 
     Args:
         bins_per_decade: histogram resolution, bins per decade of ``|x|`` (see
@@ -367,20 +202,16 @@ class AnalysisAccumulator:
     def __init__(self, *, bins_per_decade: int = 10) -> None:
         if bins_per_decade < 1:
             raise ValueError(f"bins_per_decade must be >= 1, got {bins_per_decade}")
-        self.bins_per_decade = int(bins_per_decade)
         self.stages: list[str] = []
         self.channels: dict[str, int] = {}
         self.num_batches = 0
         self.num_images = 0
-        # model -> stage -> statistic
-        self._histograms = {model: {} for model in MODELS}
-        self._wins = {model: {} for model in MODELS}
-        self._moments = {model: {} for model in MODELS}
-        self._abs_sums = {model: {} for model in MODELS}
-        self._first_maps = {model: {} for model in MODELS}
-        # stage -> moments of (resized student, teacher) pairs; loss -> stage -> (C,) squared norms
-        self._pair_moments: dict[str, _ChannelMoments] = {}
-        self._grad_sq = {loss: {} for loss in LOSS_NAMES}
+        self.histogram = HistogramAccumulator(int(bins_per_decade))
+        self.dominance = DominanceAccumulator()
+        self.magnitude = MagnitudeAccumulator()
+        self.stage_maps = StageMapAccumulator()
+        self.correlation = CorrelationAccumulator()
+        self.gradients = GradientAccumulator()
 
     def update(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> None:
         """Adds one batch.
@@ -395,13 +226,14 @@ class AnalysisAccumulator:
                 not ``(N, C, H, W)``, batch sizes or channel counts differ, or a value is not finite.
         """
         self._check(student, teacher)
-        first_batch = self.num_batches == 0
         for stage in self.stages:
-            student_x, teacher_x = student[stage].detach(), teacher[stage].detach()
-            self._add_model_statistics("student", stage, student_x, first_batch)
-            self._add_model_statistics("teacher", stage, teacher_x, first_batch)
-            self._add_pair_statistics(stage, student_x, teacher_x)
-        self._add_gradients(student, teacher)
+            features = {"student": student[stage].detach(), "teacher": teacher[stage].detach()}
+            for model, x in features.items():
+                for statistic in (self.histogram, self.dominance, self.magnitude, self.stage_maps):
+                    statistic.add(model, stage, x)
+            # Wherever the two are compared, the student is brought to the teacher's size, as the loss does.
+            self.correlation.add(stage, *match_sizes(features["student"].float(), features["teacher"]))
+        self.gradients.add(self.stages, student, teacher)
         self.num_batches += 1
         self.num_images += next(iter(student.values())).shape[0]
 
@@ -447,48 +279,6 @@ class AnalysisAccumulator:
             self.stages = list(student)
             self.channels = {stage: student[stage].shape[1] for stage in self.stages}
 
-    def _add_model_statistics(self, model: str, stage: str, x: Tensor, first_batch: bool) -> None:
-        channels = x.shape[1]
-        counts = _histogram_counts(x, self.bins_per_decade)
-        histograms = self._histograms[model]
-        histograms[stage] = histograms[stage] + counts if stage in histograms else counts
-
-        wins = torch.bincount(x.argmax(1).reshape(-1), minlength=channels).cpu()
-        self._wins[model][stage] = self._wins[model][stage] + wins if stage in self._wins[model] else wins
-
-        moments = self._moments[model].setdefault(stage, _ChannelMoments())
-        abs_sum = torch.zeros(channels, dtype=torch.float64)
-        # One image at a time, so the float64 copies stay the size of one image's features.
-        for image in range(x.shape[0]):
-            values = x[image].reshape(channels, -1).double()
-            moments.update(values[None])
-            abs_sum += values.abs().sum(1).cpu()
-        self._abs_sums[model][stage] = self._abs_sums[model].get(stage, 0) + abs_sum
-
-        if first_batch:
-            self._first_maps[model][stage] = x[0].float().amax(0).cpu().numpy()
-
-    def _add_pair_statistics(self, stage: str, student: Tensor, teacher: Tensor) -> None:
-        if student.shape[-2:] != teacher.shape[-2:]:
-            student = F.interpolate(student.float(), size=teacher.shape[-2:], mode="bilinear", align_corners=False)
-        pair = self._pair_moments.setdefault(stage, _ChannelMoments())
-        channels = teacher.shape[1]
-        # One image at a time, so the float64 copies stay the size of one image's features.
-        for image in range(teacher.shape[0]):
-            student_values = student[image].reshape(channels, -1).double()
-            teacher_values = teacher[image].reshape(channels, -1).double()
-            pair.update(torch.stack([student_values, teacher_values]))
-
-    def _add_gradients(self, student: Mapping[str, Tensor], teacher: Mapping[str, Tensor]) -> None:
-        teacher = {stage: teacher[stage].detach() for stage in self.stages}
-        for loss_name, loss in (("mse", mse_feature_loss), ("pkd", pkd_loss)):
-            inputs = {stage: student[stage].detach().float().requires_grad_() for stage in self.stages}
-            grads = torch.autograd.grad(loss(inputs, teacher), list(inputs.values()))
-            for stage, grad in zip(self.stages, grads, strict=True):
-                squared = grad.double().pow(2).sum((0, 2, 3)).cpu()
-                sums = self._grad_sq[loss_name]
-                sums[stage] = sums[stage] + squared if stage in sums else squared
-
     def result(self) -> Analysis:
         """The analysis of all batches added so far.
 
@@ -497,10 +287,12 @@ class AnalysisAccumulator:
         """
         if self.num_batches == 0:
             raise ValueError("no batches to analyse: call update() with at least one (student, teacher) batch")
-        dominance = self._dominance()
-        gradients = self._gradient_shares()
-        correlation = self._correlation()
-        stats = {model: {stage: self._stage_mean_abs_std(model, stage) for stage in self.stages} for model in MODELS}
+        stages = self.stages
+        dominance = self.dominance.result(stages)
+        teacher_abs_sums = {stage: self.magnitude.abs_sums["teacher", stage] for stage in stages}
+        gradients = self.gradients.result(stages, teacher_abs_sums)
+        correlation = self.correlation.result(stages)
+        stats = {model: {stage: self.magnitude.mean_abs_std(model, stage) for stage in stages} for model in MODELS}
         table = [
             StageSummary(
                 stage=stage,
@@ -514,111 +306,19 @@ class AnalysisAccumulator:
                 mse_grad_share=gradients.stage["mse"][stage],
                 pkd_grad_share=gradients.stage["pkd"][stage],
             )
-            for stage in self.stages
+            for stage in stages
         ]
         return Analysis(
-            stages=list(self.stages),
+            stages=list(stages),
             num_batches=self.num_batches,
             num_images=self.num_images,
-            histogram=self._histogram(),
+            histogram=self.histogram.result(stages),
             dominance=dominance,
-            stage_maps=self._stage_maps(),
+            stage_maps=self.stage_maps.result(stages),
             gradients=gradients,
             correlation=correlation,
             table=table,
         )
-
-    def _histogram(self) -> MagnitudeHistogram:
-        edges = _histogram_edges(self.bins_per_decade)
-        counts = {model: {stage: self._histograms[model][stage].numpy() for stage in self.stages} for model in MODELS}
-        used = np.flatnonzero(sum(c for per_stage in counts.values() for c in per_stage.values()))
-        first, last = int(used[0]), int(used[-1])
-        cropped = lambda c: [int(n) for n in c[first : last + 1]]  # noqa: E731
-        return MagnitudeHistogram(
-            edges=[float(e) for e in edges[first : last + 2]],
-            teacher={stage: cropped(c) for stage, c in counts["teacher"].items()},
-            student={stage: cropped(c) for stage, c in counts["student"].items()},
-        )
-
-    def _dominance(self) -> ChannelDominance:
-        sorted_wins = {model: {} for model in MODELS}
-        top_share = {model: {} for model in MODELS}
-        for model in MODELS:
-            for stage in self.stages:
-                wins = self._wins[model][stage].sort(descending=True).values
-                top = math.ceil(wins.numel() / 100)
-                sorted_wins[model][stage] = wins.tolist()
-                top_share[model][stage] = float(wins[:top].sum() / wins.sum())
-        return ChannelDominance(
-            teacher=sorted_wins["teacher"],
-            student=sorted_wins["student"],
-            teacher_top_share=top_share["teacher"],
-            student_top_share=top_share["student"],
-        )
-
-    def _stage_maps(self) -> StageMaps:
-        images, ranges = {}, {}
-        for model in MODELS:
-            maps = self._first_maps[model]
-            low = float(min(m.min() for m in maps.values()))
-            high = float(max(m.max() for m in maps.values()))
-            scale = 255.0 / (high - low) if high > low else 0.0
-            images[model] = {
-                stage: np.clip(np.rint((maps[stage] - low) * scale), 0, 255).astype(np.uint8) for stage in self.stages
-            }
-            ranges[model] = (low, high)
-        return StageMaps(
-            teacher=images["teacher"],
-            student=images["student"],
-            teacher_range=ranges["teacher"],
-            student_range=ranges["student"],
-        )
-
-    def _gradient_shares(self) -> GradientShares:
-        # Decile of each channel: rank by the teacher channel's mean |x| over all batches, largest first.
-        deciles = {}
-        for stage in self.stages:
-            rank = torch.empty(self.channels[stage], dtype=torch.int64)
-            order = self._abs_sums["teacher"][stage].argsort(descending=True, stable=True)
-            rank[order] = torch.arange(order.numel())
-            deciles[stage] = rank * 10 // order.numel()
-        stage_shares, decile_shares = {}, {}
-        for loss_name in LOSS_NAMES:
-            per_channel = self._grad_sq[loss_name]
-            per_stage = {stage: float(per_channel[stage].sum()) for stage in self.stages}
-            pooled = sum(
-                torch.zeros(10, dtype=torch.float64).index_add_(0, deciles[stage], per_channel[stage])
-                for stage in self.stages
-            )
-            total = sum(per_stage.values())
-            # A zero gradient (student equal to teacher under MSE) has no split: all shares are 0.
-            scale = 1.0 / total if total > 0 else 0.0
-            stage_shares[loss_name] = {stage: value * scale for stage, value in per_stage.items()}
-            decile_shares[loss_name] = [float(value) * scale for value in pooled]
-        return GradientShares(stage=stage_shares, decile=decile_shares)
-
-    def _correlation(self) -> Correlation:
-        mean_r, channel_r = {}, {}
-        for stage in self.stages:
-            comoment = self._pair_moments[stage].comoment
-            var_s, var_t, cov = comoment[0, 0], comoment[1, 1], comoment[0, 1]
-            defined = (var_s > 0) & (var_t > 0)
-            r = torch.where(defined, cov / (var_s * var_t).sqrt().clamp_min(1e-300), 0.0).clamp(-1.0, 1.0)
-            channel_r[stage] = r.tolist()
-            mean_r[stage] = float(r.mean())
-        return Correlation(mean_r=mean_r, channel_r=channel_r)
-
-    def _stage_mean_abs_std(self, model: str, stage: str) -> tuple[float, float]:
-        """Mean |x| and std of all of a stage's values, from its per-channel moments."""
-        moments = self._moments[model][stage]
-        channels = moments.mean.shape[1]
-        per_channel = moments.count
-        total = per_channel * channels
-        mean = moments.mean[0].mean()
-        # Law of total variance: within-channel spread plus the spread of the channel means.
-        sum_sq = moments.comoment[0, 0].sum() + per_channel * (moments.mean[0] - mean).pow(2).sum()
-        std = math.sqrt(float(sum_sq) / max(total - 1, 1))
-        return float(self._abs_sums[model][stage].sum()) / total, std
 
 
 def analyze(

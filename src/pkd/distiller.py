@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from pkd.families import describe
 from pkd.features import FeatureTap, LevelPair, as_levels, build_connectors, pair_levels, submodule
-from pkd.losses import LOSSES
+from pkd.losses import LOSSES, match_sizes
 
 __all__ = ["Distiller", "default_weight"]
 
@@ -207,15 +206,7 @@ class Distiller(nn.Module):
             if pair.name in self.connectors:
                 student_map = self.connectors[pair.name](student_map)
             teacher_map = teacher_levels[pair.teacher]
-            if student_map.shape[-2:] != teacher_map.shape[-2:]:
-                if self.resize == "student":
-                    student_map = F.interpolate(
-                        student_map, size=teacher_map.shape[-2:], mode="bilinear", align_corners=False
-                    )
-                else:
-                    teacher_map = F.interpolate(
-                        teacher_map, size=student_map.shape[-2:], mode="bilinear", align_corners=False
-                    )
+            student_map, teacher_map = match_sizes(student_map, teacher_map, self.resize)
             losses[f"loss_distill/{pair.name}"] = weight * self.loss_fn(student_map, teacher_map)
         return losses
 

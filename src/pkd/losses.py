@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LOSSES", "PKDLoss", "cwd_loss", "mse_feature_loss", "pkd_loss"]
+__all__ = ["LOSSES", "PKDLoss", "combine_moments", "cwd_loss", "match_sizes", "mse_feature_loss", "pkd_loss"]
 
 Features = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 Resize = Literal["student", "teacher"] | None
@@ -56,19 +56,35 @@ def _check_pair(student: Tensor, teacher: Tensor, resize: Resize, where: str) ->
             "map the student's channels to the teacher's with a 1x1 conv connector "
             "(Distiller(..., connectors=True)) before the loss"
         )
-    if student.shape[-2:] != teacher.shape[-2:]:
-        if resize == "student":
-            student = F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False)
-        elif resize == "teacher":
-            teacher = F.interpolate(teacher, size=student.shape[-2:], mode="bilinear", align_corners=False)
-        elif resize is None:
-            raise ValueError(
-                f"{where}: spatial sizes differ, student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}, "
-                "and resize=None; pass resize='student' or resize='teacher'"
-            )
-        else:
-            raise ValueError(f"resize must be 'student', 'teacher' or None, got {resize!r}")
+    if student.shape[-2:] != teacher.shape[-2:] and resize is None:
+        raise ValueError(
+            f"{where}: spatial sizes differ, student {tuple(student.shape)} vs teacher {tuple(teacher.shape)}, "
+            "and resize=None; pass resize='student' or resize='teacher'"
+        )
+    if resize is not None:
+        student, teacher = match_sizes(student, teacher, resize)
     return student, teacher
+
+
+def match_sizes(student: Tensor, teacher: Tensor, resize: str = "student") -> tuple[Tensor, Tensor]:
+    """Brings a level pair to one spatial size, bilinearly, as the reference does.
+
+    Args:
+        student: ``(N, C, H, W)``.
+        teacher: ``(N, C', H', W')``.
+        resize: ``"student"`` resizes the student map to the teacher's size (the reference),
+            ``"teacher"`` the teacher map to the student's.
+
+    Returns:
+        ``(student, teacher)``, untouched when their sizes are equal.
+    """
+    if resize not in ("student", "teacher"):
+        raise ValueError(f"resize must be 'student', 'teacher' or None, got {resize!r}")
+    if student.shape[-2:] == teacher.shape[-2:]:
+        return student, teacher
+    if resize == "student":
+        return F.interpolate(student, size=teacher.shape[-2:], mode="bilinear", align_corners=False), teacher
+    return student, F.interpolate(teacher, size=student.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def _level_pairs(student: Features, teacher: Features) -> list[tuple[str, Tensor, Tensor]]:
@@ -231,13 +247,33 @@ def _channel_moments(student: Tensor, teacher: Tensor, compiled: bool = False) -
     stats = stats.double().view(7, groups, channels)
     row_means = stats[0:2] + stats[2:4]  # (2, groups, C): exact row means of s and t
     residuals = stats[2:4]
-    first, second = [0, 1, 0], [0, 1, 1]  # (s, s), (t, t), (s, t) for ss, tt, st
     # Sums centred on the exact row mean: sum((x - d)(y - e)) = sum(x y) - count * d * e.
-    row_sums = stats[4:7] - count * residuals[first] * residuals[second]
-    means = row_means.mean(1)
-    offsets = row_means - means[:, None]
-    sums = row_sums.sum(1) + count * (offsets[first] * offsets[second]).sum(1)
-    return means[0], means[1], sums[0].clamp_min(0), sums[1].clamp_min(0), sums[2]
+    ss, tt, st = stats[4:7] - count * residuals[[0, 1, 0]] * residuals[[0, 1, 1]]
+    row_comoments = torch.stack([torch.stack([ss, st]), torch.stack([st, tt])])  # (2, 2, groups, C)
+    counts = torch.full((groups,), float(count), dtype=torch.float64, device=stats.device)
+    means, sums = combine_moments(counts, row_means, row_comoments)
+    return means[0], means[1], sums[0, 0].clamp_min(0), sums[1, 1].clamp_min(0), sums[0, 1]
+
+
+def combine_moments(counts: Tensor, means: Tensor, comoments: Tensor) -> tuple[Tensor, Tensor]:
+    """Pools per-group moments exactly: the parallel update of Chan, Golub and LeVeque.
+
+    ``M_ab = sum_g M_ab,g + sum_g n_g (mean_a,g - mean_a)(mean_b,g - mean_b)`` equals one pass over
+    all the values up to rounding, with no raw sums of squares (which lose every digit when a
+    channel's mean is far larger than its spread).
+
+    Args:
+        counts: ``(G,)`` values per group.
+        means: ``(K, G, C)`` per-group means of ``K`` variables over ``C`` channels.
+        comoments: ``(K, K, G, C)`` per-group centred co-moment sums ``sum (x_a - mean_a)(x_b - mean_b)``.
+
+    Returns:
+        ``(K, C)`` means and ``(K, K, C)`` centred co-moment sums of all groups together.
+    """
+    mean = (means * counts[:, None]).sum(1) / counts.sum()
+    offsets = means - mean[:, None]
+    spread = torch.einsum("g,agc,bgc->abc", counts, offsets, offsets)
+    return mean, comoments.sum(2) + spread
 
 
 class _PKDLevel(torch.autograd.Function):
