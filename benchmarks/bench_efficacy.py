@@ -53,8 +53,8 @@ from pkd.demo import (
     run_name,
     student_run_dir,
     train_student,
-    validation_curve,
 )
+from pkd.metrics_log import validation_curve
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from pkd.demo import PRESETS, first_step_reaching, run_demo, run_name, student_run_dir, validation_curve
+from pkd.demo import PRESETS, first_step_reaching, run_demo, run_name, student_run_dir
+from pkd.metrics_log import validation_curve
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from PIL import Image
 
 from pkd.analysis import analyze
 from pkd.plots import (
-    load_metrics,
     plot_channel_dominance,
     plot_correlation,
     plot_gradient_shares,
@@ -91,34 +90,6 @@ def write_run(folder, *, val=True, test=False, distill=True):
     text = "\n".join(lines) + "\n" + json.dumps(train_line(120, 3))[:37]
     (folder / "metrics.jsonl").write_text(text)
     return folder
-
-
-def test_load_metrics_tolerates_truncated_last_line(tmp_path):
-    run = write_run(tmp_path / "run", test=True)
-    metrics = load_metrics(run)
-    assert len(metrics.train) == 60 and metrics.train[-1]["step"] == 118
-    assert [record["step"] for record in metrics.val] == [38, 78, 118]
-    assert len(metrics.test) == 1
-    assert load_metrics(run / "metrics.jsonl") == metrics
-
-
-def test_load_metrics_keeps_the_last_record_of_a_repeated_step(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    lines = [train_line(0, 0), train_line(2, 0), {**train_line(2, 0), "loss": 9.0}, {"type": "val", "mAP": 0.1}]
-    path.write_text("\n".join(map(json.dumps, lines)) + "\n\n")
-    metrics = load_metrics(path)
-    assert [record["step"] for record in metrics.train] == [0, 2]
-    assert metrics.train[-1]["loss"] == 9.0
-    assert metrics.val == []  # no step: nowhere to draw it
-
-
-def test_load_metrics_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
-        load_metrics(tmp_path)
-    path = tmp_path / "metrics.jsonl"
-    path.write_text('{"type": "train", "step": 0, "loss": 1.0}\n{"type": "tr\n{"type": "train", "step": 1}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not valid JSON"):
-        load_metrics(path)
 
 
 @pytest.mark.parametrize("kind", [dict(test=True), dict(val=False, distill=False)], ids=["full", "no-val-no-distill"])

@@ -38,7 +38,6 @@ __all__ = [
     "run_name",
     "student_run_dir",
     "train_student",
-    "validation_curve",
 ]
 
 
@@ -241,13 +240,6 @@ def _inference_ms(model, dataset, device, count: int = 20) -> float:
     return statistics.median(times)
 
 
-def validation_curve(run_dir: str | Path) -> list[tuple[int, float]]:
-    """``(step, validation mAP)`` of every evaluation a run logged in its ``metrics.jsonl``."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(line) for line in lines if line.strip()]
-    return [(r["step"], r["mAP"]) for r in records if r.get("type") == "val"]
-
-
 def first_step_reaching(curve: list[tuple[int, float]], level: float) -> int | None:
     """The first evaluated step whose validation mAP is at least ``level`` (None: never)."""
     return next((step for step, value in curve if value >= level), None)
@@ -407,6 +399,7 @@ def run_demo(
     from pkd.build import load_detector
     from pkd.data import CocoDetection, eval_transforms
     from pkd.engine import evaluate
+    from pkd.metrics_log import validation_curve
     from pkd.models import count_parameters
     from pkd.plots import plot_runs
 

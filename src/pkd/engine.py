@@ -56,6 +56,7 @@ from pkd.dist import (
     unwrap,
 )
 from pkd.distiller import Distiller
+from pkd.metrics_log import METRICS_FILE, append_record, keep_records_until
 from pkd.models import count_parameters
 
 __all__ = [
@@ -336,12 +337,6 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def _log_line(path: Path, record: dict) -> None:
-    with open(path, "a") as file:
-        file.write(json.dumps(record) + "\n")
-        file.flush()
-
-
 def _datasets(config: Config, label_map=None):
     data = config.data
     train_set = CocoDetection(
@@ -403,7 +398,7 @@ class _RunLog:
         images_per_step: int,
     ) -> None:
         self.run_dir, self.total_steps, self.main = run_dir, total_steps, main
-        self.metrics_path = run_dir / "metrics.jsonl"
+        self.metrics_path = run_dir / METRICS_FILE
         # Where no bar is drawn (a log file, nohup, a cluster scheduler), plain lines say how it goes.
         self.plain = main and not progress
         self.images_per_step = images_per_step
@@ -418,13 +413,8 @@ class _RunLog:
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=step if resumed else None)
         if not resumed:
             self.metrics_path.unlink(missing_ok=True)
-        else:  # drop records a killed run wrote after its last checkpoint
-            kept = []
-            for line in self.metrics_path.read_text().splitlines() if self.metrics_path.is_file() else []:
-                with contextlib.suppress(json.JSONDecodeError):
-                    if json.loads(line).get("step", 0) <= step:
-                        kept.append(line)
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        else:
+            keep_records_until(self.metrics_path, step)
 
     def advance(self) -> None:
         """One step done."""
@@ -438,7 +428,7 @@ class _RunLog:
             return
         record = {"type": "train", "step": state.step, "epoch": state.epoch, "lr": lr, **window}
         record.update(skipped_steps=state.skipped_steps, skipped_samples=state.skipped_samples)
-        _log_line(self.metrics_path, record)
+        append_record(self.metrics_path, record)
         for name, value in window.items():
             self.writer.add_scalar(f"train/{name}", value, state.step)
         self.writer.add_scalar("train/lr", lr, state.step)
@@ -459,7 +449,7 @@ class _RunLog:
     def evaluation(self, split: str, state: TrainState, metrics: dict[str, float]) -> None:
         if not self.main:
             return
-        _log_line(self.metrics_path, {"type": split, "step": state.step, "epoch": state.epoch, **metrics})
+        append_record(self.metrics_path, {"type": split, "step": state.step, "epoch": state.epoch, **metrics})
         for name, value in metrics.items():
             self.writer.add_scalar(f"{split}/{name}", value, state.step)
         if self.plain and split == "val":

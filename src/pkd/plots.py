@@ -14,11 +14,9 @@ display.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +25,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, NullLocator
 
 from pkd.analysis import Analysis
+from pkd.metrics_log import METRICS_FILE, RunMetrics, load_metrics
 
 __all__ = [
-    "RunMetrics",
-    "load_metrics",
     "plot_channel_dominance",
     "plot_correlation",
     "plot_gradient_shares",
@@ -45,7 +42,6 @@ MODEL_COLORS = {"teacher": "tab:blue", "student": "tab:orange"}
 LOSS_COLORS = {"mse": "tab:red", "pkd": "tab:green"}
 LOSS_LABELS = {"mse": "MSE imitation", "pkd": "PKD"}
 DPI = 110
-METRICS_FILE = "metrics.jsonl"
 # Validation metrics drawn in a run's panel, the headline one first.
 VAL_KEYS = ("mAP", "AP50", "AP75")
 
@@ -299,64 +295,6 @@ def save_analysis_figures(analysis: Analysis, out_dir: str | Path) -> dict[str, 
         paths[name] = out_dir / f"{name}.png"
         make(analysis).savefig(paths[name])
     return paths
-
-
-@dataclass
-class RunMetrics:
-    """The records of one run's ``metrics.jsonl``, by type, each sorted by step.
-
-    When a step appears more than once (a run resumed from an earlier checkpoint logs it again)
-    the last record wins. Records without an integer ``step`` are dropped.
-
-    Attributes:
-        train: ``{"type": "train", "step", "epoch", "lr", "loss", "loss_<component>", ...}``.
-        val: ``{"type": "val", "step", "epoch", "mAP", "AP50", ...}``.
-        test: final test-split evaluations, same keys as ``val``.
-    """
-
-    train: list[dict] = field(default_factory=list)
-    val: list[dict] = field(default_factory=list)
-    test: list[dict] = field(default_factory=list)
-
-
-def load_metrics(path: str | Path) -> RunMetrics:
-    """Reads a run's ``metrics.jsonl`` (one JSON object per line).
-
-    A last line that is not valid JSON is ignored: the run was killed, or is still running,
-    mid-write. Blank lines and records of other types are skipped.
-
-    Args:
-        path: the run folder, or the ``metrics.jsonl`` file itself.
-
-    Returns:
-        The run's records by type.
-
-    Raises:
-        FileNotFoundError: no ``metrics.jsonl`` there.
-        ValueError: a line other than the last is not a JSON object.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {METRICS_FILE} at {path}: is this a run folder written by the engine?")
-    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    by_type: dict[str, dict[int, dict]] = {"train": {}, "val": {}, "test": {}}
-    for index, (number, line) in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if index == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg}): {line[:80]!r}") from None
-        if not isinstance(record, dict):
-            if index == len(lines) - 1:
-                break
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {line[:80]!r}")
-        step = record.get("step")
-        if record.get("type") in by_type and isinstance(step, int) and not isinstance(step, bool):
-            by_type[record["type"]][step] = record
-    return RunMetrics(**{kind: [records[step] for step in sorted(records)] for kind, records in by_type.items()})
 
 
 def _series(records: Sequence[Mapping], key: str) -> tuple[np.ndarray, np.ndarray]:
