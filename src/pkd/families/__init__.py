@@ -16,13 +16,14 @@ from __future__ import annotations
 from torch import nn
 
 from pkd.detector import DetectorSpec, Family
+from pkd.families.detr import DetrFamily
 from pkd.families.torchvision import TorchvisionFamily
 from pkd.families.yolo import YoloFamily
 
 __all__ = ["FAMILIES", "describe", "family_for", "family_of", "unwrap"]
 
 #: Every family pkd builds detectors of, by key; torchvision's is asked last (its names are a pattern).
-FAMILIES: dict[str, Family] = {"yolo": YoloFamily(), "torchvision": TorchvisionFamily()}
+FAMILIES: dict[str, Family] = {"yolo": YoloFamily(), "detr": DetrFamily(), "torchvision": TorchvisionFamily()}
 
 
 def family_for(name: str) -> Family:
