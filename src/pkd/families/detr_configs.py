@@ -125,6 +125,8 @@ def detr_config(transformers: Any, name: str, num_labels: int, changes: dict[str
     if "encoder_hidden_dim" in fields and "decoder_in_channels" not in fields:
         # The decoder reads the encoder's levels: its input widths follow the encoder's.
         fields["decoder_in_channels"] = [fields["encoder_hidden_dim"]] * len(config.decoder_in_channels)
+    if "d_model" in fields and "head_dim" not in fields and getattr(config, "head_dim", None) is not None:
+        fields["head_dim"] = fields["d_model"] // fields.get("decoder_attention_heads", config.decoder_attention_heads)
     _set(config, fields, f"{name}'s config")
     return config
 
