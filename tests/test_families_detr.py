@@ -63,7 +63,9 @@ def test_detr_trains_a_step_and_predicts_in_image_pixels(name):
     images, targets = images_and_targets()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     losses = model.train()(images, targets)
-    assert {"loss_bbox", "loss_giou"} <= set(losses) and all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+    assert {"loss_bbox", "loss_giou"} <= set(losses) and all(
+        torch.isfinite(v) and v.dim() == 0 for v in losses.values()
+    )
     sum(losses.values()).backward()
     first = next(model.detr.model.encoder.parameters())
     assert first.grad is not None and first.grad.abs().sum() > 0
@@ -74,7 +76,9 @@ def test_detr_trains_a_step_and_predicts_in_image_pixels(name):
         boxes = detection["boxes"]
         assert set(detection) == {"boxes", "scores", "labels"} and len(boxes) == 20 * 2  # every (query, class) pair
         assert (boxes >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
-        assert set(detection["labels"].tolist()) <= {1, 2} and (detection["scores"][:-1] >= detection["scores"][1:]).all()
+        assert (
+            set(detection["labels"].tolist()) <= {1, 2} and (detection["scores"][:-1] >= detection["scores"][1:]).all()
+        )
     # Boxes of the 64 x 64 square the model saw go back to each image's own pixels.
     square = [{"boxes": torch.tensor([[0.0, 0.0, 64.0, 64.0]])}]
     mapped = model.transform.postprocess(square, [(64, 64)], [(64, 80)])[0]["boxes"]
@@ -88,9 +92,7 @@ def test_training_loss_is_the_models_own():
     torch.manual_seed(1)  # denoising queries are random
     ours = sum(model(images, targets).values())
     batch, scaled = model.transform(images, targets)
-    labels = [
-        {"class_labels": t["labels"] - 1, "boxes": torchvision_cxcywh(t["boxes"]) / 64} for t in scaled
-    ]
+    labels = [{"class_labels": t["labels"] - 1, "boxes": torchvision_cxcywh(t["boxes"]) / 64} for t in scaled]
     torch.manual_seed(1)
     theirs = model.detr(pixel_values=batch.tensors, labels=labels).loss
     assert torch.allclose(ours, theirs, rtol=1e-4)
@@ -122,7 +124,10 @@ def test_detr_names_options_weights_and_errors(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
     model.detr.save_pretrained(tmp_path / "hf")
     folder = build_detr("rtdetr_r18", num_classes=3, weights=tmp_path / "hf", min_size=64)
-    assert torch.equal(folder.state_dict()["detr.model.encoder_input_proj.0.0.weight"], model.state_dict()["detr.model.encoder_input_proj.0.0.weight"])
+    assert torch.equal(
+        folder.state_dict()["detr.model.encoder_input_proj.0.0.weight"],
+        model.state_dict()["detr.model.encoder_input_proj.0.0.weight"],
+    )
     with pytest.raises(ValueError, match="do not fit"):
         build_detr("dfine_s", num_classes=3, weights=tmp_path / "plain.pt", **TINY)
 
@@ -134,8 +139,12 @@ def test_offline_efficientnet_lite_backbone():
     from pkd.backbones import offline_state_dict
 
     model = build_detr(
-        "rtdetr_r18", num_classes=3, min_size=64, backbone="timm_tf_efficientnet_lite0",
-        weights_backbone="efficientnet_lite0.imagenet", hf_config=TINY_HF,
+        "rtdetr_r18",
+        num_classes=3,
+        min_size=64,
+        backbone="timm_tf_efficientnet_lite0",
+        weights_backbone="efficientnet_lite0.imagenet",
+        hf_config=TINY_HF,
     )
     _, reference = offline_state_dict("efficientnet_lite0.imagenet")
     body = model.detr.model.backbone.model._backbone
@@ -218,13 +227,41 @@ def test_export_pt_and_onnx_verified_and_inspect(detr_run, tmp_path):
     assert main(["export", str(detr_run), "--out", str(tmp_path / "student.pt")]) == 0
     student, meta = load_detector(tmp_path / "student.pt")
     assert meta["detector"] == "rtdetr_r18" and type(student).__name__ == "DetrDetector"
-    assert main(["export", str(detr_run), "--out", str(tmp_path / "student.onnx"), "--format", "onnx", "--verify-threshold", "0"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(detr_run),
+                "--out",
+                str(tmp_path / "student.onnx"),
+                "--format",
+                "onnx",
+                "--verify-threshold",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert read_metadata(tmp_path / "student.onnx")["example_size"] == "64x64"
     # The graph resizes to the square inside: images of other sizes get PyTorch's boxes in their own pixels.
     images = [torch.rand(3, 48, 96), torch.rand(3, 80, 64)]
     comparison = verify_onnx(tmp_path / "student.onnx", student, images, score_threshold=0.0)
     assert comparison.ok and comparison.compared > 0, comparison.summary()
-    assert main(["inspect", str(detr_run / "config.yaml"), "--batches", "1", "--out", str(tmp_path / "inspect"), "--student-checkpoint", str(detr_run / "last.pt")]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                str(detr_run / "config.yaml"),
+                "--batches",
+                "1",
+                "--out",
+                str(tmp_path / "inspect"),
+                "--student-checkpoint",
+                str(detr_run / "last.pt"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "inspect" / "analysis.json").is_file()
 
 

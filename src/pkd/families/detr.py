@@ -58,6 +58,9 @@ __all__ = ["DetrDetector", "DetrFamily", "DetrFeatures", "SquareTransform", "bui
 _OPTIONS = ("backbone", "hf_config", "score_thresh", "detections_per_img")
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _MIN_VERSION = (5, 18)
+#: Parts of transformers' loss names that say which output a term is of (auxiliary decoder layers,
+#: denoising queries, encoder proposals, the pre-refinement boxes), not what it measures.
+_LOSS_SUFFIXES = ("aux", "dn", "enc", "pre")
 
 
 def _transformers():
@@ -65,7 +68,9 @@ def _transformers():
     try:
         import transformers
     except ImportError as error:
-        raise ImportError('DETR models need Hugging Face transformers: pip install "pkd[detr]" (Python >= 3.11)') from error
+        raise ImportError(
+            'DETR models need Hugging Face transformers: pip install "pkd[detr]" (Python >= 3.11)'
+        ) from error
     version = tuple(int(part) for part in importlib.metadata.version("transformers").split(".")[:2])
     if version < _MIN_VERSION:
         raise ImportError(
@@ -100,7 +105,9 @@ class SquareTransform(nn.Module):
         square = (self.size, self.size)
         batch = torch.stack(
             [
-                functional.interpolate(((image - mean) / std)[None], size=square, mode="bilinear", align_corners=False)[0]
+                functional.interpolate(((image - mean) / std)[None], size=square, mode="bilinear", align_corners=False)[
+                    0
+                ]
                 for image in images
             ]
         )
@@ -239,7 +246,7 @@ class DetrDetector(nn.Module):
             output = self.detr(pixel_values=None, inputs_embeds=maps[0], labels=labels)
         losses: dict[str, Tensor] = {}
         for key, value in output.loss_dict.items():
-            kind = "_".join(part for part in key.split("_") if not part.isdigit() and part not in ("aux", "dn", "enc", "pre"))
+            kind = "_".join(part for part in key.split("_") if not part.isdigit() and part not in _LOSS_SUFFIXES)
             losses[kind] = losses[kind] + value if kind in losses else value
         return losses
 
@@ -402,8 +409,8 @@ def _load(detector: DetrDetector, path: Path) -> None:
     mismatched = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
     if missing or mismatched:
         raise ValueError(
-            f"weights in {path} do not fit {type(detector.detr).__name__}: {len(missing)} missing, {len(mismatched)} of "
-            f"another shape (e.g. {', '.join((missing + mismatched)[:3])}); build the model they were trained with"
+            f"weights in {path} do not fit {type(detector.detr).__name__}: {len(missing)} missing, "
+            f"{len(mismatched)} of another shape (e.g. {', '.join((missing + mismatched)[:3])}); build the model they were trained with"
         )
     detector.load_state_dict({k: state_dict[k] for k in own})
 
@@ -439,4 +446,3 @@ class DetrFamily(Family):
 
     def describe(self, model: nn.Module) -> DetectorSpec | None:
         return _spec(model) if isinstance(model, DetrDetector) else None
-
