@@ -410,7 +410,8 @@ def _load(detector: DetrDetector, path: Path) -> None:
     if missing or mismatched:
         raise ValueError(
             f"weights in {path} do not fit {type(detector.detr).__name__}: {len(missing)} missing, "
-            f"{len(mismatched)} of another shape (e.g. {', '.join((missing + mismatched)[:3])}); build the model they were trained with"
+            f"{len(mismatched)} of another shape (e.g. {', '.join((missing + mismatched)[:3])}); "
+            "build the model they were trained with"
         )
     detector.load_state_dict({k: state_dict[k] for k in own})
 
