@@ -7,7 +7,7 @@ detector is its declaration (:func:`describe`). Adding a family is one module an
     from pkd.families import FAMILIES
     FAMILIES["mine"] = MyFamily()
 
-A family's own libraries (Ultralytics, transformers) are imported by its module only when one
+A family's own libraries (Ultralytics, Hugging Face's) are imported by its module only when one
 of its detectors is built.
 """
 
