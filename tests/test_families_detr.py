@@ -66,6 +66,7 @@ def test_detr_trains_a_step_and_predicts_in_image_pixels(name):
     assert {"loss_bbox", "loss_giou"} <= set(losses) and all(
         torch.isfinite(v) and v.dim() == 0 for v in losses.values()
     )
+    assert "forward" not in vars(model.detr.model.encoder)  # the encoder is itself again after the step
     sum(losses.values()).backward()
     first = next(model.detr.model.encoder.parameters())
     assert first.grad is not None and first.grad.abs().sum() > 0
