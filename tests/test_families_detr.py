@@ -179,17 +179,8 @@ def pair_config(digits, output, student, teacher):
     )
 
 
-PAIRS = [
-    pytest.param("yolo11n", "rtdetr_r18", marks=pytest.mark.skipif(not HAS_YOLO, reason="needs pkd[yolo]")),
-    ("fcos_resnet18_fpn", "dfine_s"),
-    ("rtdetr_r18", "fcos_resnet18_fpn"),
-    pytest.param("dfine_s", "yolo11n", marks=pytest.mark.skipif(not HAS_YOLO, reason="needs pkd[yolo]")),
-    ("deimv2_s", "rtdetr_v2_r18"),
-]
-
-
-@pytest.mark.parametrize(("student", "teacher"), PAIRS)
-def test_pairs_distil_through_configs(student, teacher, tiny_digits, tmp_path, monkeypatch):
+def distil_through_config(digits, output, student, teacher):
+    """``fit`` on a pair config; returns what the engine built and the teacher's weights before."""
     built = {}
 
     def recording(student_model, teacher_model, section):
@@ -198,13 +189,18 @@ def test_pairs_distil_through_configs(student, teacher, tiny_digits, tmp_path, m
         built["distiller"] = pkd.build.build_distiller(student_model, teacher_model, section)
         return built["distiller"]
 
-    monkeypatch.setattr(pkd.engine, "build_distiller", recording)
-    torch.manual_seed(0)
-    fit(pair_config(tiny_digits, tmp_path / "run", student, teacher), progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pkd.engine, "build_distiller", recording)
+        torch.manual_seed(0)
+        fit(pair_config(digits, output, student, teacher), progress=False)
+    return built
+
+
+def check_pair(output, built):
     distiller = built["distiller"]
     assert [p.student_stride for p in distiller.pairs] == [p.teacher_stride for p in distiller.pairs]
     assert {8, 16, 32} <= {p.student_stride for p in distiller.pairs}
-    train = [r for r in read_metrics(tmp_path / "run") if r["type"] == "train"]
+    train = [r for r in read_metrics(output) if r["type"] == "train"]
     assert len(train) == 2
     for record in train:
         distill = [v for k, v in record.items() if k.startswith("loss_distill/")]
@@ -212,16 +208,33 @@ def test_pairs_distil_through_configs(student, teacher, tiny_digits, tmp_path, m
     assert all(torch.equal(v, built["teacher"].state_dict()[k]) for k, v in built["before"].items())
 
 
+# FCOS -> RT-DETR is the detr_run fixture's pair, checked by test_fcos_to_rtdetr_through_a_config.
+PAIRS = [
+    pytest.param("yolo11n", "rtdetr_r18", marks=pytest.mark.skipif(not HAS_YOLO, reason="needs pkd[yolo]")),
+    ("fcos_resnet18_fpn", "dfine_s"),
+    pytest.param("dfine_s", "yolo11n", marks=pytest.mark.skipif(not HAS_YOLO, reason="needs pkd[yolo]")),
+    ("deimv2_s", "rtdetr_v2_r18"),
+]
+
+
+@pytest.mark.parametrize(("student", "teacher"), PAIRS)
+def test_pairs_distil_through_configs(student, teacher, tiny_digits, tmp_path):
+    check_pair(tmp_path / "run", distil_through_config(tiny_digits, tmp_path / "run", student, teacher))
+
+
 @pytest.fixture(scope="module")
 def detr_run(tiny_digits, tmp_path_factory):
     """FCOS -> RT-DETR distilled for 2 steps through a config (a pkd run folder)."""
     output = tmp_path_factory.mktemp("detr") / "run"
-    config = pair_config(tiny_digits, output, "rtdetr_r18", "fcos_resnet18_fpn")
-    fit(config, progress=False)
-    return output
+    return output, distil_through_config(tiny_digits, output, "rtdetr_r18", "fcos_resnet18_fpn")
+
+
+def test_fcos_to_rtdetr_through_a_config(detr_run):
+    check_pair(*detr_run)
 
 
 def test_export_pt_and_onnx_verified_and_inspect(detr_run, tmp_path):
+    detr_run, _ = detr_run
     pytest.importorskip("onnxruntime")
     from pkd.deploy import read_metadata, verify_onnx
 
@@ -290,14 +303,14 @@ def test_nothing_reaches_the_network(tmp_path):
         import torch
         from pkd.models import build_detector
         tiny = {"encoder_hidden_dim": 32, "d_model": 32, "decoder_layers": 2, "num_queries": 10, "num_denoising": 4}
-        for name in ("rtdetr_r18", "deimv2_s"):
+        for name in ("rtdetr_r18", "deimv2_s"):  # the two ways a backbone is built (DEIMv2: its conv_encoder)
             model = build_detector(name, num_classes=3, min_size=64, backbone="test_efficientnet", hf_config=tiny)
             images = [torch.rand(3, 64, 64)]
             targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([1])}]
             sum(model.train()(images, targets).values()).backward()
             model.eval()(images)
-            model.detr.save_pretrained(sys.argv[1] + "/" + name)
-            build_detector(name, num_classes=3, min_size=64, weights=sys.argv[1] + "/" + name)
+        model.detr.save_pretrained(sys.argv[1] + "/hf")
+        build_detector(name, num_classes=3, min_size=64, weights=sys.argv[1] + "/hf")
         print("ok")
         """
     )
