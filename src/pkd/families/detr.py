@@ -25,7 +25,8 @@ What the models need, and what this wrapper does about it:
 
 A timm backbone (``backbone="tf_efficientnet_lite0"`` with ``weights_backbone=
 "efficientnet_lite0.imagenet"``, the offline ImageNet weights of :mod:`pkd.backbones`) is built
-from a ``TimmBackboneConfig`` with ``use_pretrained_backbone`` off, so nothing asks the hub;
+from a ``TimmBackboneConfig`` (timm creates it without pretrained weights; a ``backbone=<name>``
+with ``use_timm_backbone`` would look the name up on the hub), so nothing asks the hub;
 weights of a whole model come from a local Hugging Face folder (``save_pretrained``), a
 state_dict, or a pkd checkpoint. Nothing reaches the network.
 
@@ -264,7 +265,7 @@ class DetrDetector(nn.Module):
         return detections
 
 
-def _timm_backbone(transformers: Any, name: str, weights_backbone: Any) -> tuple[Any, list[int], dict]:
+def _timm_backbone(transformers: Any, name: str) -> tuple[Any, list[int], dict]:
     """A ``TimmBackboneConfig`` for a timm model's stride 8 / 16 / 32 levels, and its channels.
 
     Raises:
@@ -371,7 +372,7 @@ def build_detr(
     changes = dict(hf_config or {})
     timm_config, mean_std = None, _IMAGENET
     if backbone is not None:
-        timm_config, channels, pretrained = _timm_backbone(transformers, backbone, weights_backbone)
+        timm_config, channels, pretrained = _timm_backbone(transformers, backbone)
         changes.setdefault("encoder_in_channels", channels)
         mean_std = (tuple(pretrained.get("mean", _IMAGENET[0])), tuple(pretrained.get("std", _IMAGENET[1])))
     folder = Path(weights) if weights is not None and Path(weights).is_dir() else None
