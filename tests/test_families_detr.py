@@ -20,7 +20,7 @@ from pkd.cli import main  # noqa: E402
 from pkd.config import config_from_dict  # noqa: E402
 from pkd.distiller import Distiller  # noqa: E402
 from pkd.engine import fit  # noqa: E402
-from pkd.families import describe, family_of  # noqa: E402
+from pkd.families import describe, family_for, family_of  # noqa: E402
 from pkd.families.detr import build_detr  # noqa: E402
 from pkd.models import build_detector, detector_names  # noqa: E402
 
@@ -322,3 +322,16 @@ def test_nothing_reaches_the_network(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == "ok"
+
+
+def test_the_readme_config_is_valid():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```yaml\n# fcos_to_rtdetr.yaml\n(.*?)```", readme, flags=re.S).group(1)
+    config = config_from_dict(yaml.safe_load(block))
+    assert config.model.name == "rtdetr_r18" and config.distill.connectors and config.teacher.weights
+    assert set(config.model.options) <= set(family_for(config.model.name).options)
