@@ -1,7 +1,6 @@
 """Tests of pkd.checkpoint: atomic saves (also under SIGKILL), error messages, RNG, export."""
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -24,11 +23,10 @@ from pkd.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_exported,
-    rng_state,
     save_checkpoint,
     save_run_checkpoint,
-    set_rng_state,
 )
+from pkd.rng import rng_state
 
 META = {
     "detector": "fcos_resnet50_fpn",
@@ -121,7 +119,7 @@ def test_crash_during_write_keeps_the_old_file(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def crashing_save(obj, file):
-        file.write(b"PK\x03\x04 half a zip archive")
+        file.write_bytes(b"PK\x03\x04 half a zip archive")
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", crashing_save)
@@ -314,31 +312,6 @@ def test_best_without_hard_links(tmp_path, monkeypatch):
     save_run_checkpoint(tmp_path, run_checkpoint(epoch=2), is_best=False)
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
-
-
-def draw_numbers():
-    return random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3).tolist()
-
-
-def test_rng_round_trip_through_save_and_load(tmp_path):
-    random.seed(1)
-    np.random.seed(2)
-    torch.manual_seed(3)
-    draw_numbers()
-    np.random.randn()  # leaves a cached Gaussian in NumPy's state, which must be kept too
-    checkpoint = run_checkpoint()  # before rng_state(): building it draws random weights
-    checkpoint["rng"] = rng_state()
-    path = save_checkpoint(tmp_path / "run.pt", checkpoint)
-    expected = draw_numbers()
-
-    draw_numbers()
-    set_rng_state(load_checkpoint(path)["rng"])  # weights_only load: plain types only
-    assert draw_numbers() == expected
-
-
-def test_rng_state_errors():
-    with pytest.raises(CheckpointError, match=r"RNG state lacks \['numpy'"):
-        set_rng_state({"python": [], "torch": torch.get_rng_state(), "cuda": []})
 
 
 def test_export_loads_into_plain_torchvision_without_pkd(tmp_path):

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from pkd.checkpoint import CheckpointError, PickledFileError, load_checkpoint, read_weights
+from pkd.checkpoint import CheckpointError, PickledFileError, load_checkpoint
 from pkd.config import DistillConfig, ModelConfig
 from pkd.distiller import Distiller
 from pkd.families import family_of
 from pkd.models import build_detector
+from pkd.weights import read_weights
 
 __all__ = [
     "build_distiller",

@@ -37,12 +37,7 @@ from pkd.build import (
     build_optimizer,
     build_scheduler,
 )
-from pkd.checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_run_checkpoint,
-    set_rng_state,
-)
+from pkd.checkpoint import load_checkpoint, resume_checkpoint, save_run_checkpoint
 from pkd.config import Config, config_to_dict, save_config
 from pkd.data import CocoDetection, build_loader, eval_transforms, set_epoch, train_transforms
 from pkd.dist import (
@@ -58,6 +53,7 @@ from pkd.dist import (
 from pkd.distiller import Distiller
 from pkd.metrics_log import METRICS_FILE, append_record, keep_records_until
 from pkd.models import count_parameters
+from pkd.rng import rng_state, set_rng_state
 
 __all__ = [
     "COCO_METRICS",
@@ -510,7 +506,7 @@ def _save_run(
     )
 
 
-def fit(config: Config, *, resume: bool = True, progress: bool | None = None) -> dict[str, Any] | None:
+def fit(config: Config, *, resume: bool | str = True, progress: bool | None = None) -> dict[str, Any] | None:
     """Trains (and, with ``teacher`` and ``distill`` sections, distils) as the config says.
 
     Writes into ``config.output``: ``config.yaml``, ``metrics.jsonl``, TensorBoard events,
@@ -520,7 +516,8 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
 
     Args:
         config: the run.
-        resume: continue from ``last.pt`` when the run folder has one.
+        resume: continue from ``last.pt`` when the run folder has one (True or ``"last"``), from
+            ``best.pt`` (``"best"``), or start afresh (False); see :func:`~pkd.checkpoint.resume_checkpoint`.
         progress: progress bars (default: when stderr is a terminal).
 
     Returns:
@@ -540,12 +537,13 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
 
     checkpoint = None
     last = run_dir / "last.pt"
-    if resume and last.is_file():
-        checkpoint = load_checkpoint(last)
+    resumed_from = resume_checkpoint(run_dir, resume)
+    if resumed_from is not None:
+        source, checkpoint = resumed_from
         changes = config_changes(checkpoint.get("config", {}), config_to_dict(config))
         if changes:
             raise ValueError(
-                f"{last} was written with another config ({'; '.join(changes[:5])}); resume with the same config, "
+                f"{source} was written with another config ({'; '.join(changes[:5])}); resume with the same config, "
                 "start over with --no-resume (resume=False), or choose another output folder"
             )
     if info.is_main:

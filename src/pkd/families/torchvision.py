@@ -30,9 +30,10 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from pkd.backbones import TimmBackboneWithFPN, build_timm_body
-from pkd.checkpoint import CheckpointError, read_weights
+from pkd.checkpoint import CheckpointError
 from pkd.detector import DetectorSpec, ExportSpec, Family, Level
 from pkd.features import probe_levels
+from pkd.weights import read_weights
 
 __all__ = [
     "BACKBONES",
