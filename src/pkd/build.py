@@ -9,7 +9,8 @@ config.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import nn
 from pkd.checkpoint import CheckpointError, PickledFileError, load_checkpoint
 from pkd.config import DistillConfig, ModelConfig
 from pkd.distiller import Distiller
-from pkd.families import family_of
+from pkd.families import family_for, family_of
 from pkd.models import build_detector
 from pkd.weights import read_weights
 
@@ -29,6 +30,7 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "load_detector",
+    "load_weights_model",
     "lr_factor",
     "resolve_device",
 ]
@@ -112,6 +114,57 @@ def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     model = build_detector(meta["detector"], num_classes=meta["num_classes"], **meta["build"])
     model.load_state_dict(checkpoint["model" if checkpoint["kind"] == "run" else "state_dict"])
     return model.eval(), meta
+
+
+def load_weights_model(
+    config: ModelConfig, categories: Mapping[int, str], *, eval_size: int, max_size: int
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The detector a model section's ``weights`` hold, to evaluate on a split with ``categories``.
+
+    Where the weights say which classes they predict -- a pkd checkpoint's label map, a
+    torchvision weights enum's categories, an Ultralytics file's names -- the detector is built
+    with their classes and the split's categories are matched to them (by name for the last
+    two). A plain state_dict (timm, torchvision references) says nothing: the split's
+    categories are numbered ``1..K`` in order of their ids, as training numbers them.
+
+    Args:
+        config: The model section; ``weights`` must be set.
+        categories: The split's category id -> name.
+        eval_size: Shorter image side at evaluation.
+        max_size: Longer side limit.
+
+    Returns:
+        The detector in eval mode and its metadata: ``detector``, ``num_classes``, ``build``
+        and ``label_map`` (category id -> the label the detector predicts for it).
+
+    Raises:
+        ValueError: No weights, or categories of the split that the weights do not predict.
+    """
+    if not config.weights:
+        raise ValueError("nothing to evaluate: give --checkpoint or --onnx, or set model.weights in the config")
+    weights = str(config.weights)
+    sizes = dict(eval_size=eval_size, max_size=max_size)
+    meta = _weights_meta(weights, config.name) if Path(weights).suffix in (".pt", ".pth") else None
+    if meta is not None:
+        model, built = build_model(config, num_classes=meta["num_classes"], **sizes)
+        return model.eval(), {**built, "label_map": meta["label_map"]}
+    if not config.name:
+        raise ValueError("model.name missing: the weights are not a pkd checkpoint, which would name the detector")
+    classes = family_for(config.name).weights_classes(config.name, weights)
+    if classes is None:
+        label_map = {category: label for label, category in enumerate(sorted(categories), start=1)}
+    else:
+        label_of = {name: label for label, name in classes.items()}
+        unknown = sorted({name for name in categories.values() if name not in label_of})
+        if unknown:
+            raise ValueError(
+                f"the split has categories {unknown[:10]} that {weights} does not predict (its classes: "
+                f"{', '.join(list(label_of)[:10])}, ...); evaluate it on data of its own classes"
+            )
+        label_map = {category: label_of[name] for category, name in categories.items()}
+        config = replace(config, num_classes=max(classes) + 1)  # the classes the weights predict
+    model, built = build_model(config, num_classes=max(label_map.values(), default=0) + 1, **sizes)
+    return model.eval(), {**built, "label_map": label_map}
 
 
 def build_distiller(student: nn.Module, teacher: nn.Module, config: DistillConfig | None) -> Distiller:

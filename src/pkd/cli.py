@@ -25,7 +25,14 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     _add_config_arguments(parser)
     parser.add_argument("--output", help="run folder (overrides the config's output)")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if the run folder has last.pt")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--no-resume", action="store_true", help="start afresh even if the run folder has last.pt")
+    resume.add_argument(
+        "--resume-from",
+        choices=("last", "best"),
+        default="last",
+        help="checkpoint of the run folder to continue from (default last; best: e.g. when last.pt is damaged)",
+    )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
 
 
@@ -54,7 +61,7 @@ def _train(args: argparse.Namespace, *, distill: bool) -> int:
     from pkd.engine import fit
 
     config = _load_run_config(args, distill=distill)
-    results = fit(config, resume=not args.no_resume, progress=args.progress)
+    results = fit(config, resume=False if args.no_resume else args.resume_from, progress=args.progress)
     if results is None:  # not the main process of a DDP run
         return 0
     print(f"run folder: {config.output}")
@@ -74,9 +81,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pkd.build import load_detector, resolve_device
+    from pkd.build import load_detector, load_weights_model, resolve_device
     from pkd.config import ConfigError, load_config
     from pkd.data import CocoDetection, build_loader, eval_transforms
+    from pkd.data.check import load_coco_json
     from pkd.engine import evaluate
 
     config = load_config(args.config, args.overrides)
@@ -90,8 +98,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         meta = {"detector": f"{model.metadata.get('detector', 'detector')} (ONNX Runtime, {args.onnx})"}
         meta["label_map"] = model.metadata.get("label_map") or None
         device = resolve_device("cpu")
-    else:
+    elif args.checkpoint is not None:
         model, meta = load_detector(args.checkpoint)
+        device = resolve_device(config.train.device)
+    else:
+        categories = {c["id"]: c["name"] for c in load_coco_json(split.annotations).get("categories", [])}
+        sizes = dict(eval_size=config.data.eval_size, max_size=config.data.max_size)
+        model, meta = load_weights_model(config.model, categories, **sizes)
+        meta["detector"] = f"{meta['detector']} ({config.model.weights})"
         device = resolve_device(config.train.device)
     dataset = CocoDetection(split.annotations, split.images, transforms=eval_transforms(), label_map=meta["label_map"])
     loader = build_loader(
@@ -240,9 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(distill)
     distill.set_defaults(handler=cmd_distill)
 
-    evaluate = commands.add_parser("eval", help="COCO box mAP of a checkpoint on a split of a config's data")
+    evaluate = commands.add_parser(
+        "eval",
+        help="COCO box mAP of a model on a split of a config's data",
+        description="Evaluates --checkpoint, --onnx, or else the config's model.weights: a torchvision weights "
+        "enum, a state_dict (e.g. on a timm backbone), an Ultralytics .pt or a pkd checkpoint.",
+    )
     _add_config_arguments(evaluate)
-    model = evaluate.add_mutually_exclusive_group(required=True)
+    model = evaluate.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", type=Path, help="run checkpoint or exported student")
     model.add_argument("--onnx", type=Path, help="ONNX file of `pkd export --format onnx`, run with ONNX Runtime")
     evaluate.add_argument("--split", default="val", choices=("val", "test"), help="which split (default val)")

@@ -209,6 +209,11 @@ class Family(ABC):
         """The spec of a model of this family that pkd did not build, or None if it is not one."""
         return None
 
+    def weights_classes(self, name: str, weights: str | Path) -> dict[int, str] | None:
+        """The classes ``weights`` of detector ``name`` predict, label -> name, where the weights say
+        (torchvision's enums, Ultralytics files); None where they do not (a plain state_dict)."""
+        return None
+
     def export_native(self, model: nn.Module, path: Path, class_names: Mapping[int, str] | None = None) -> Path:
         """Writes ``model`` in the family's own format (:attr:`ExportSpec.native_format`)."""
         raise ValueError(f"{self.name} detectors have no native export format")

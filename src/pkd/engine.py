@@ -281,6 +281,8 @@ def evaluate(model: nn.Module, data_loader, device: torch.device, *, progress: b
             boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
             scores, labels = output["scores"].tolist(), output["labels"].tolist()
             for box, score, label in zip(boxes.tolist(), scores, labels, strict=True):
+                if int(label) not in dataset.label_to_category:
+                    continue  # a class this split does not have (pretrained weights predict more)
                 detections.append(
                     {
                         "image_id": int(target["image_id"]),

@@ -9,9 +9,9 @@ Two readers, both on ``torch.load(weights_only=True)``, so no file given to pkd 
   Ultralytics ``.pt``, with an allowlist: ``torch.nn`` modules, the modules of the libraries a
   family names (``ultralytics.nn``), the few plain classes it names, NumPy scalars. Before
   anything is unpickled, the file's globals are listed (:func:`torch.serialization.get_unsafe_globals_in_checkpoint`)
-  and a file that names anything else is refused by name; classes may only be *instantiated*
-  the way ``torch.save`` writes objects, never *called*, since calling a model class runs its
-  constructor with arguments from the file. :func:`module_state_dict` then reads the weights
+  and a file that names anything else is refused by name; module classes may only be
+  *instantiated* the way ``torch.save`` writes modules, never *called*, since calling a model
+  class runs its constructor with arguments from the file. :func:`module_state_dict` then reads the weights
   out of the loaded objects without calling any of their methods.
 """
 
@@ -184,14 +184,16 @@ def load_pickled_modules(
 
     Allowed: ``nn.Module`` subclasses defined in ``torch.nn`` or under ``packages``, the
     ``classes`` given, NumPy scalars and dtypes, and what ``torch.load(weights_only=True)``
-    allows anyway (tensors, dicts, lists, strings, numbers). Module classes and ``classes``
-    may only be instantiated the way ``torch.save`` writes objects (no constructor runs).
+    allows anyway (tensors, dicts, lists, strings, numbers). Module classes may only be
+    instantiated the way ``torch.save`` writes modules (no constructor runs): a model's
+    constructor may read files or evaluate strings from its arguments.
 
     Args:
         path: The file (a ``torch.save`` zip archive).
         packages: Packages whose ``nn.Module`` subclasses the file may hold, e.g.
             ``("ultralytics.nn",)``.
-        classes: Other classes it may hold (e.g. an argument namespace).
+        classes: Other classes it may hold, whose constructors only store their arguments
+            (e.g. an argument namespace); pickle may call them.
         what: What the file should be, for error messages ("an Ultralytics checkpoint").
         map_location: Where tensors are loaded (as in :func:`torch.load`).
 
@@ -222,11 +224,16 @@ def load_pickled_modules(
     if "numpy.dtype" in allowed:  # dtype(...) returns an instance of its concrete class, built next
         allowed.update({f"numpy.dtypes.{cls.__name__}": cls for cls in vars(np.dtypes).values() if _is_dtype(cls)})
     refused = sorted(set(needed) - set(allowed))
-    refused += sorted((_called_globals(data) & set(allowed)) - _NUMPY_CALLABLE)
-    if refused:
+    called = sorted((_called_globals(data) & set(allowed)) - _NUMPY_CALLABLE - set(extra))
+    if refused or called:
+        problem = (
+            f"refers to {', '.join(refused[:5])}{' ...' if len(refused) > 5 else ''}, which {what} does not hold"
+            if refused
+            else f"calls {', '.join(called[:5])} with arguments from the file, which {what} never does"
+        )
         raise UnsafePickleError(
-            f"{path} refers to {', '.join(refused[:5])}{' ...' if len(refused) > 5 else ''}, which {what} does not "
-            "hold: pkd refused to unpickle it, since loading it could run code. Load only files from sources you trust"
+            f"{path} {problem}: pkd refused to unpickle it, since loading it could run code. "
+            "Load only files from sources you trust"
         )
     with torch.serialization.safe_globals([(obj, name) for name, obj in allowed.items()]):
         return torch_load(path, map_location)

@@ -2,7 +2,7 @@
 
 :class:`CocoDetection` reads a COCO annotation file with pycocotools, drops what
 :mod:`pkd.data.check` finds unusable (warning once with a summary), maps the file's category
-ids to contiguous labels ``1..K`` (0 is the background, as torchvision's detectors expect),
+ids to labels (by default contiguous ``1..K``; 0 is the background, as torchvision's detectors expect),
 and returns ``(image, target)`` pairs whose boxes are ``tv_tensors.BoundingBoxes``, so that
 ``torchvision.transforms.v2`` moves them with the pixels.
 
@@ -58,7 +58,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     - ``boxes``: ``tv_tensors.BoundingBoxes`` ``(K, 4)`` float32 in XYXY pixels, clipped to the
       image, ``canvas_size=(H, W)``;
-    - ``labels``: int64 ``(K,)`` contiguous labels in ``1..num_classes - 1``;
+    - ``labels``: int64 ``(K,)`` labels in ``1..num_classes - 1``;
     - ``image_id``: the COCO image id (int);
     - ``area``: float32 ``(K,)``, the annotation's ``area`` (its mask area in COCO) in the
       pixels of the file, not updated by transforms: COCO evaluation reads it from the
@@ -79,8 +79,9 @@ class CocoDetection(torch.utils.data.Dataset):
         images: Folder that the images' ``file_name`` are relative to.
         transforms: Called as ``transforms(image, target)`` on every sample; returns the pair.
         label_map: Category id -> label, e.g. from a saved run so that evaluation and export
-            use the labels the model was trained with. It must cover every category of the
-            file. None numbers the file's categories ``1..K`` in order of their ids.
+            use the labels the model was trained with, or the labels pretrained weights predict
+            (distinct, >= 1, gaps allowed). It must cover every category of the file. None
+            numbers the file's categories ``1..K`` in order of their ids.
         drop_empty: Drop images without any non-crowd annotation (False keeps them: images
             with nothing to detect teach the detector what background looks like).
         check_files: Drop images whose file does not exist.
@@ -89,7 +90,7 @@ class CocoDetection(torch.utils.data.Dataset):
         coco: The pycocotools index of the cleaned annotations (crowd regions included), the
             ground truth for ``COCOeval``.
         ids: Image ids in sample order (sorted).
-        label_map: Category id -> contiguous label.
+        label_map: Category id -> label.
         label_to_category: Label -> category id, the inverse of ``label_map``, to write
             predictions back in the file's category ids.
         class_names: Label -> category name.
@@ -144,8 +145,9 @@ class CocoDetection(torch.utils.data.Dataset):
         # Keys come back as strings from a JSON-saved run.
         resolved = {int(category_id): int(label) for category_id, label in label_map.items()}
         labels = sorted(resolved.values())
-        if labels != list(range(1, len(labels) + 1)):
-            raise ValueError(f"label_map must map category ids to the labels 1..K, each once; got labels {labels}")
+        # Gaps are fine: a model's own label space may have them (torchvision's COCO weights: 1..90).
+        if len(set(labels)) != len(labels) or (labels and labels[0] < 1):
+            raise ValueError(f"label_map must map category ids to distinct labels >= 1; got labels {labels}")
         uncovered = [category_id for category_id in category_ids if category_id not in resolved]
         if uncovered:
             raise ValueError(

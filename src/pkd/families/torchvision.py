@@ -541,6 +541,15 @@ class TorchvisionFamily(Family):
     def resolved_options(self, model: nn.Module) -> dict[str, Any]:
         return {"norm": detect_norm(model.state_dict())}
 
+    def weights_classes(self, name: str, weights: str | Path) -> dict[int, str] | None:
+        """The categories of a torchvision weights enum (COCO's, labels 1..90 with gaps); None for a file."""
+        if _is_path(weights):
+            return None
+        family, backbone, v2 = parse_detector_name(name)
+        builder = name if backbone == "mobilenet_v3_large" else f"{family}_resnet50_fpn{'_v2' if v2 else ''}"
+        categories = torchvision.models.get_model_weights(builder).verify(weights).meta["categories"]
+        return {label: category for label, category in enumerate(categories) if label and category != "N/A"}
+
     def describe(self, model: nn.Module) -> DetectorSpec | None:
         """A torchvision detector pkd did not build: its levels from one forward of its backbone."""
         if not isinstance(model, GeneralizedRCNN | RetinaNet | FCOS):

@@ -441,6 +441,9 @@ class YoloFamily(Family):
     def describe(self, model: nn.Module) -> DetectorSpec | None:
         return _spec(model) if isinstance(model, YoloDetector) else None
 
+    def weights_classes(self, name: str, weights: str | Path) -> dict[int, str] | None:
+        return ultralytics_classes(weights)
+
     def export_native(self, model: nn.Module, path: Path, class_names=None) -> Path:
         return save_ultralytics(model, path, class_names)
 
