@@ -52,6 +52,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from pkd.data.check import check_dataset, format_problems
+from pkd.io import fsync_directory, remove_stale_temps, temp_path
 
 __all__ = [
     "INK_THRESHOLD",
@@ -545,8 +546,8 @@ def make_digits_dataset(
             )
 
     root.parent.mkdir(parents=True, exist_ok=True)
-    partial = root.parent / f".{root.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
+    remove_stale_temps(root)  # what generators killed before their rename left behind
+    partial = temp_path(root)
     try:
         _generate(partial, seed, counts, params)
         meta = {**wanted, "ink_threshold": INK_THRESHOLD, "photos": list(PHOTOS)}
@@ -585,7 +586,7 @@ def _move_into_place(partial: Path, root: Path, wanted: dict[str, Any]) -> None:
     retired = None
     if root.exists():
         if any(root.iterdir()):
-            retired = root.parent / f".{root.name}.old-{os.getpid()}"
+            retired = temp_path(root)
             root.rename(retired)
         else:
             root.rmdir()
@@ -595,6 +596,7 @@ def _move_into_place(partial: Path, root: Path, wanted: dict[str, Any]) -> None:
         # Another process renamed its copy of the same dataset into place in between.
         if not _holds(root, wanted):
             raise
+    fsync_directory(root.parent)
     if retired is not None:
         shutil.rmtree(retired)
 
