@@ -80,6 +80,10 @@ def test_train_distill_eval_export(tiny_digits, tmp_path, capsys):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(metrics) >= {"mAP", "AP50", "AR100"}
     assert "on test (6 images)" in capsys.readouterr().out
+    # The same file as the config's model.weights: its label map and build come from its meta.
+    assert main(["eval", str(student_config), "--set", f"model.weights={tmp_path / 'student.pt'}", "--split", "test",
+                 "--json", str(tmp_path / "w.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "w.json").read_text()) == metrics
 
 
 def test_errors_are_one_line_with_exit_code_2(tiny_digits, tmp_path, capsys):

@@ -223,8 +223,9 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Mapping[str, Any]) -> P
 def _not_pkd_message(path: Path, content: str) -> str:
     return (
         f"{path} is not a pkd checkpoint: it {content}. pkd checkpoints are written by `pkd train` "
-        "(run checkpoints) and `pkd export` (exported students); a plain torchvision state_dict "
-        "can be loaded with build_detector(..., weights=PATH)"
+        "(run checkpoints) and `pkd export` (exported students); other weights (a state_dict, an "
+        "Ultralytics .pt) are a model's weights: `pkd eval CONFIG --set model.weights=PATH`, or "
+        "build_detector(..., weights=PATH)"
     )
 
 

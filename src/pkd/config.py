@@ -86,7 +86,11 @@ class ModelConfig:
         "be left empty when weights is a pkd checkpoint (its own name is used)",
     )
     backbone: str | None = _field(None, doc="override the backbone in the name (a ResNet or timm_<model>)")
-    weights: str | None = _field(None, doc="torchvision weights name or a local .pt/.pth file")
+    weights: str | None = _field(
+        None,
+        doc="torchvision weights name, or a local .pt/.pth file: a pkd checkpoint, a state_dict, an Ultralytics "
+        ".pt (read without running code); `pkd eval CONFIG` evaluates it",
+    )
     weights_backbone: str | None = _field(
         None,
         doc="torchvision backbone weights or a local classification .pt; for timm backbones also timm, "
