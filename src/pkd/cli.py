@@ -30,7 +30,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
-    from pkd.engine import COCO_METRICS
+    from pkd.evaluation import COCO_METRICS
 
     print(title)
     for name in COCO_METRICS:
@@ -52,12 +52,13 @@ def _load_run_config(args: argparse.Namespace, *, distill: bool):
 
 def _train(args: argparse.Namespace, *, distill: bool) -> int:
     from pkd.engine import fit
+    from pkd.plots import plot_run
 
     config = _load_run_config(args, distill=distill)
     results = fit(config, resume=not args.no_resume, progress=args.progress)
     if results is None:  # not the main process of a DDP run
         return 0
-    print(f"run folder: {config.output}")
+    print(f"run folder: {config.output} (curves: {plot_run(config.output).name})")
     if "val" in results:
         _print_metrics(f"best validation (step {results['best_step']}):", results["val"])
     if "test" in results:
@@ -77,7 +78,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pkd.build import load_detector, resolve_device
     from pkd.config import ConfigError, load_config
     from pkd.data import CocoDetection, build_loader, eval_transforms
-    from pkd.engine import evaluate
+    from pkd.evaluation import evaluate
 
     config = load_config(args.config, args.overrides)
     split = getattr(config.data, args.split)
