@@ -63,10 +63,9 @@ def run_checkpoint(**overrides):
         "kind": "run",
         "model": {"weight": torch.randn(4, 3), "bias": torch.zeros(4)},
         "meta": META,
-        "epoch": 2,
-        "step": 40,
+        "epoch": 2,  # a marker the tests below read back; the counters live in "state"
+        "state": {"epoch": 2, "step": 40, "best_metric": 0.25},
         "metrics": {"bbox_mAP": 0.25},
-        "best_metric": 0.25,
         "config": {"train": {"lr": 0.01, "levels": [0, 1, 2]}},
     }
     checkpoint.update(overrides)
@@ -85,14 +84,14 @@ def test_save_load_round_trip(tmp_path):
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
         scaler=scaler.state_dict(),
-        extra={"connectors": {"0.weight": torch.ones(2, 2, 1, 1)}},
+        connectors={"0.weight": torch.ones(2, 2, 1, 1)},
     )
     path = save_checkpoint(tmp_path / "sub" / "run.pt", checkpoint)
     loaded = load_checkpoint(path, detector="fcos_resnet50_fpn", num_classes=3)
 
     assert loaded["format"] == "pkd" and loaded["version"] == 1 and loaded["kind"] == "run"
     assert loaded["meta"] == META  # int keys of label_map/class_names survive weights_only
-    assert loaded["epoch"] == 2 and loaded["step"] == 40 and loaded["best_metric"] == 0.25
+    assert loaded["state"] == {"epoch": 2, "step": 40, "best_metric": 0.25}
     torch.testing.assert_close(loaded["model"], model.state_dict())
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
@@ -110,7 +109,7 @@ def test_save_rejects_values_weights_only_cannot_load(tmp_path):
     with pytest.raises(CheckpointError, match=r"lacks \['class_names'\]"):
         save_checkpoint(tmp_path / "a.pt", run_checkpoint(meta={k: v for k, v in META.items() if k != "class_names"}))
     with pytest.raises(CheckpointError, match="'epoch'\\] must be an int"):
-        save_checkpoint(tmp_path / "a.pt", run_checkpoint(epoch=2.0))
+        save_checkpoint(tmp_path / "a.pt", run_checkpoint(state={"epoch": 2.0}))
     assert not list(tmp_path.iterdir())
 
 
@@ -306,7 +305,7 @@ def test_export_loads_into_plain_torchvision_without_pkd(tmp_path):
         model=student.state_dict(),
         optimizer=torch.optim.SGD(student.parameters(), lr=0.1).state_dict(),
         rng=rng_state(),
-        extra={"connectors": {"0.weight": torch.ones(16, 16, 1, 1)}},
+        connectors={"0.weight": torch.ones(16, 16, 1, 1)},
     )
     run_path = save_checkpoint(tmp_path / "last.pt", checkpoint)
     out_path = export_student(load_checkpoint(run_path), tmp_path / "student.pt")
@@ -341,10 +340,12 @@ def test_export_rejects_wrapper_state_dicts(tmp_path):
 
 def test_checkpoint_summary():
     assert (
-        checkpoint_summary({"format": "pkd", "version": 1, **run_checkpoint(best_metric=0.3125)})
+        checkpoint_summary(
+            {"format": "pkd", "version": 1, **run_checkpoint(state={"epoch": 2, "step": 40, "best_metric": 0.3125})}
+        )
         == "run checkpoint: fcos_resnet50_fpn, 3 classes, epoch 2, step 40, best metric 0.3125"
     )
-    assert checkpoint_summary(run_checkpoint(best_metric=None, step=None)).endswith("epoch 2, no best metric yet")
+    assert checkpoint_summary(run_checkpoint(state={"epoch": 2})).endswith("epoch 2, no best metric yet")
     assert checkpoint_summary({"kind": "export", "meta": META}) == "exported student: fcos_resnet50_fpn, 3 classes"
 
 
@@ -370,11 +371,11 @@ def test_export_in_half_precision_loads_into_a_float32_model(tmp_path):
 def test_resume_checkpoint_picks_last_or_best_and_names_the_ways_forward(tmp_path):
     run_dir = tmp_path / "run"
     assert resume_checkpoint(run_dir) is None  # a new run
-    save_run_checkpoint(run_dir, run_checkpoint(step=10), is_best=True)
-    save_run_checkpoint(run_dir, run_checkpoint(step=20), is_best=False)
-    assert resume_checkpoint(run_dir)[1]["step"] == 20
+    save_run_checkpoint(run_dir, run_checkpoint(state={"step": 10}), is_best=True)
+    save_run_checkpoint(run_dir, run_checkpoint(state={"step": 20}), is_best=False)
+    assert resume_checkpoint(run_dir)[1]["state"]["step"] == 20
     path, best = resume_checkpoint(run_dir, "best")
-    assert path == run_dir / "best.pt" and best["step"] == 10
+    assert path == run_dir / "best.pt" and best["state"]["step"] == 10
     assert resume_checkpoint(run_dir, False) is None
 
     data = (run_dir / "last.pt").read_bytes()
@@ -383,7 +384,7 @@ def test_resume_checkpoint_picks_last_or_best_and_names_the_ways_forward(tmp_pat
         resume_checkpoint(run_dir)
     assert "--resume-from best" in str(error.value) and "step 10" in str(error.value)
     assert "--no-resume" in str(error.value)
-    assert resume_checkpoint(run_dir, "best")[1]["step"] == 10
+    assert resume_checkpoint(run_dir, "best")[1]["state"]["step"] == 10
 
     (run_dir / "best.pt").unlink()
     with pytest.raises(CheckpointError) as error:

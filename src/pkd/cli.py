@@ -37,7 +37,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
-    from pkd.engine import COCO_METRICS
+    from pkd.evaluation import COCO_METRICS
 
     print(title)
     for name in COCO_METRICS:
@@ -59,12 +59,13 @@ def _load_run_config(args: argparse.Namespace, *, distill: bool):
 
 def _train(args: argparse.Namespace, *, distill: bool) -> int:
     from pkd.engine import fit
+    from pkd.plots import plot_run
 
     config = _load_run_config(args, distill=distill)
     results = fit(config, resume=False if args.no_resume else args.resume_from, progress=args.progress)
     if results is None:  # not the main process of a DDP run
         return 0
-    print(f"run folder: {config.output}")
+    print(f"run folder: {config.output} (curves: {plot_run(config.output).name})")
     if "val" in results:
         _print_metrics(f"best validation (step {results['best_step']}):", results["val"])
     if "test" in results:
@@ -81,11 +82,11 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pkd.build import load_detector, load_weights_model, resolve_device
+    from pkd.build import build_dataset, load_detector, load_weights_model, resolve_device
     from pkd.config import ConfigError, load_config
-    from pkd.data import CocoDetection, build_loader, eval_transforms
+    from pkd.data import build_loader
     from pkd.data.check import load_coco_json
-    from pkd.engine import evaluate
+    from pkd.evaluation import evaluate
 
     config = load_config(args.config, args.overrides)
     split = getattr(config.data, args.split)
@@ -107,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, meta = load_weights_model(config.model, categories, **sizes)
         meta["detector"] = f"{meta['detector']} ({config.model.weights})"
         device = resolve_device(config.train.device)
-    dataset = CocoDetection(split.annotations, split.images, transforms=eval_transforms(), label_map=meta["label_map"])
+    dataset = build_dataset(config.data, args.split, label_map=meta["label_map"])
     loader = build_loader(
         dataset, batch_size=config.train.batch_size, train=False, workers=config.data.workers, distributed=False, seed=0
     )

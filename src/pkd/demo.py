@@ -200,8 +200,7 @@ def _config(preset: Preset, digits, output: Path, model: dict, train: dict, seed
 
 def _same_config(run_dir: Path, config) -> bool:
     """Whether ``run_dir`` holds a run of ``config`` (settings that do not change a run, like workers, aside)."""
-    from pkd.config import config_to_dict, load_config
-    from pkd.engine import config_changes
+    from pkd.config import config_changes, config_to_dict, load_config
 
     saved = run_dir / "config.yaml"
     return saved.is_file() and not config_changes(config_to_dict(load_config(saved)), config_to_dict(config))
@@ -210,6 +209,7 @@ def _same_config(run_dir: Path, config) -> bool:
 def _run(run_dir: Path, config, label: str, progress: bool | None, log: Callable[[str], None]) -> None:
     """Trains unless this exact run is finished; resumes an interrupted one; restarts a changed one."""
     from pkd.engine import fit
+    from pkd.plots import plot_run
 
     same = _same_config(run_dir, config)
     if same and (run_dir / "results.json").is_file():
@@ -222,6 +222,7 @@ def _run(run_dir: Path, config, label: str, progress: bool | None, log: Callable
     else:
         log(f"      {label}")
     fit(config, resume=same, progress=progress)
+    plot_run(run_dir)
 
 
 def _inference_ms(model, dataset, device, count: int = 20) -> float:
@@ -398,7 +399,7 @@ def run_demo(
 
     from pkd.build import load_detector
     from pkd.data import CocoDetection, eval_transforms
-    from pkd.engine import evaluate
+    from pkd.evaluation import evaluate
     from pkd.metrics_log import validation_curve
     from pkd.models import count_parameters
     from pkd.plots import plot_runs
