@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from pkd.io import atomic_write_text
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -316,10 +318,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def save_config(config: Config, path: str | Path) -> Path:
-    """Writes the resolved config as YAML."""
-    path = Path(path)
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    return path
+    """Writes the resolved config as YAML (atomically: a run folder never holds half a config)."""
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def _type_name(annotation: Any) -> str:

@@ -31,6 +31,7 @@ from pkd.data import build_loader, set_epoch
 from pkd.dist import DistInfo, cleanup, init_distributed, seed_everything, set_deterministic
 from pkd.distiller import Distiller
 from pkd.evaluation import evaluate
+from pkd.io import atomic_write_text
 from pkd.models import count_parameters
 from pkd.rng import rng_state, set_rng_state
 from pkd.run_log import RunLog
@@ -450,7 +451,7 @@ def fit(
         results["wall_time_s"] = round(time.time() - started, 1)
         if not info.is_main:
             return None
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         return results
     finally:
         log.close()

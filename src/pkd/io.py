@@ -1,8 +1,9 @@
 """Atomic writes: a file (or folder) appears complete at its path, or not at all.
 
-Everything pkd writes that a crash must not leave half-written (checkpoints, exported students,
-ONNX graphs, ``metrics.jsonl`` when it is rewritten, generated datasets) is written to a
-temporary path next to its target, flushed to disk, and renamed onto the target. The rename is
+What pkd writes that a crash must not leave half-written (checkpoints, exported students and
+Ultralytics files, a run's ``config.yaml`` and ``results.json``, ``metrics.jsonl`` when it is
+rewritten, generated datasets) is written to a temporary path next to its target, flushed to
+disk, and renamed onto the target. The rename is
 atomic on one filesystem, so at any moment -- a crash, a ``kill -9``, a full disk -- the target
 holds the previous complete content or the new one::
 

@@ -8,11 +8,12 @@ Two readers, both on ``torch.load(weights_only=True)``, so no file given to pkd 
 - :func:`load_pickled_modules` reads files of whole pickled ``nn.Module`` objects, such as an
   Ultralytics ``.pt``, with an allowlist: ``torch.nn`` modules, the modules of the libraries a
   family names (``ultralytics.nn``), the few plain classes it names, NumPy scalars. Before
-  anything is unpickled, the file's globals are listed (:func:`torch.serialization.get_unsafe_globals_in_checkpoint`)
-  and a file that names anything else is refused by name; module classes may only be
-  *instantiated* the way ``torch.save`` writes modules, never *called*, since calling a model
-  class runs its constructor with arguments from the file. :func:`module_state_dict` then reads the weights
-  out of the loaded objects without calling any of their methods.
+  anything is unpickled, the file's globals are listed
+  (:func:`torch.serialization.get_unsafe_globals_in_checkpoint`) and a file that names anything
+  else is refused by name. Module classes may only be *instantiated* the way ``torch.save``
+  writes modules, never *called*: calling a model class runs its constructor with arguments
+  from the file. :func:`module_state_dict` then reads the weights out of the loaded objects
+  without calling any of their methods.
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def _module_class(name: str, packages: Iterable[str]) -> type | None:
         return None
     try:
         module = importlib.import_module(module_name)
-    except ImportError:
+    except (ImportError, ValueError):  # a name the file made up, or a module whose own imports are missing
         return None
     found = getattr(module, attribute, None)
     return found if isinstance(found, type) and issubclass(found, nn.Module) else None

@@ -39,6 +39,7 @@ from torchvision.ops import box_convert, clip_boxes_to_image
 
 from pkd.checkpoint import PickledFileError
 from pkd.detector import DetectorSpec, ExportSpec, Family, Level
+from pkd.io import atomic_path
 from pkd.weights import load_pickled_modules, module_state_dict, read_weights
 
 __all__ = ["YOLO_NAME", "YoloDetector", "YoloFamily", "YoloFeatures", "build_yolo", "is_yolo_name", "save_ultralytics"]
@@ -467,6 +468,6 @@ def save_ultralytics(detector: YoloDetector, path: str | Path, class_names: dict
     model.names = names
     model.args = {"task": "detect", "imgsz": int(max(detector.transform.min_size))}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model, "train_args": dict(model.args), "version": ultralytics.__version__}, path)
+    with atomic_path(path) as temp:
+        torch.save({"model": model, "train_args": dict(model.args), "version": ultralytics.__version__}, temp)
     return path
