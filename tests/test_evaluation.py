@@ -64,3 +64,24 @@ def test_evaluate_gives_one_for_perfect_predictions(tiny_digits):
     loader = build_loader(dataset, batch_size=4, train=False, workers=0, distributed=False, seed=0)
     metrics = evaluate(GroundTruth(dataset), loader, torch.device("cpu"))
     assert metrics["mAP"] == pytest.approx(1.0) and metrics["AR100"] == pytest.approx(1.0)
+
+
+class MoreClasses(GroundTruth):
+    """Ground truth plus a confident box of a class the split does not have (a COCO model on a subset)."""
+
+    def forward(self, images):
+        outputs = super().forward(images)
+        for output in outputs:
+            output["boxes"] = torch.cat([output["boxes"], torch.tensor([[0.0, 0.0, 20.0, 20.0]])])
+            output["labels"] = torch.cat([output["labels"], torch.tensor([99])])
+            output["scores"] = torch.cat([output["scores"], torch.ones(1)])
+        return outputs
+
+
+def test_evaluate_leaves_out_classes_the_split_does_not_have(tiny_digits):
+    from pkd.data import CocoDetection, build_loader, eval_transforms
+
+    dataset = CocoDetection(tiny_digits.annotations["val"], tiny_digits.images["val"], transforms=eval_transforms())
+    loader = build_loader(dataset, batch_size=4, train=False, workers=0, distributed=False, seed=0)
+    metrics = evaluate(MoreClasses(dataset), loader, torch.device("cpu"))
+    assert metrics["mAP"] == pytest.approx(1.0)
