@@ -19,7 +19,7 @@ import sys
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -510,7 +510,13 @@ def _save_run(
     )
 
 
-def fit(config: Config, *, resume: bool = True, progress: bool | None = None) -> dict[str, Any] | None:
+def fit(
+    config: Config,
+    *,
+    resume: bool = True,
+    progress: bool | None = None,
+    on_validation: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any] | None:
     """Trains (and, with ``teacher`` and ``distill`` sections, distils) as the config says.
 
     Writes into ``config.output``: ``config.yaml``, ``metrics.jsonl``, TensorBoard events,
@@ -522,6 +528,9 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
         config: the run.
         resume: continue from ``last.pt`` when the run folder has one.
         progress: progress bars (default: when stderr is a terminal).
+        on_validation: called with the step and the validation metrics after each validation
+            (once the checkpoint of that step is saved). An exception it raises stops the run
+            where it is, ``last.pt`` kept; :func:`pkd.tune.tune` prunes hopeless trials this way.
 
     Returns:
         ``results.json``'s content: best validation metrics, test metrics, steps, wall time,
@@ -673,6 +682,8 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
                         is_best = True  # without validation, the latest weights are the ones to keep
                     if info.is_main and (evaluated or state.step % checkpoint_every == 0 or interrupt.requested):
                         _save_run(run_dir, config, meta, state, metrics, is_best, **parts)
+                    if metrics is not None and on_validation is not None:
+                        on_validation(state.step, metrics)
                     if done or interrupt.requested:
                         break
             if interrupt.requested:
