@@ -288,3 +288,25 @@ def test_plain_progress_lines_where_no_bar_is_drawn(tiny_digits, tmp_path, capsy
     assert all("loss=" in line and "lr=" in line and " eta " in line for line in train)
     assert train[-1].endswith("eta 0:00")
     assert [line.split()[2] for line in val] == ["3/6", "6/6"] and all("best" in line for line in val)
+
+
+class StopTrial(Exception):
+    """What a tuner's pruning raises through fit's on_validation (optuna.TrialPruned in pkd.tune)."""
+
+
+def test_on_validation_sees_each_validation_and_can_stop_the_run(tiny_digits, tmp_path):
+    seen = []
+
+    def on_validation(step, metrics):
+        seen.append((step, metrics["mAP"]))
+        if step >= 3:
+            raise StopTrial
+
+    config = tiny_config(tiny_digits, tmp_path / "run", steps=6, eval_every=3)
+    with pytest.raises(StopTrial):
+        fit(config, progress=False, on_validation=on_validation)
+    assert [step for step, _ in seen] == [3]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] == 3  # saved before the hook ran
+    assert not (tmp_path / "run" / "results.json").exists()
+    results = fit(config, progress=False, on_validation=lambda step, metrics: seen.append((step, metrics["mAP"])))
+    assert [step for step, _ in seen] == [3, 6] and results["steps"] == 6

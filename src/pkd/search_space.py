@@ -73,8 +73,9 @@ class Param:
     def describe(self) -> str:
         """The SPEC that parses back into this parameter."""
         if self.kind == "choice":
-            return ",".join(yaml.safe_dump(c, default_flow_style=True).strip().removesuffix("...").strip()
-                            for c in self.choices)
+            return ",".join(
+                yaml.safe_dump(c, default_flow_style=True).strip().removesuffix("...").strip() for c in self.choices
+            )
         if self.kind == "around":
             return f"around:{self.factor:g}"
         return f"{self.kind}:{self.low:g}:{self.high:g}"
@@ -164,8 +165,9 @@ def parse_param(item: str) -> Param:
     except yaml.YAMLError as error:
         raise ConfigError(f"--space {item}: cannot read the choices ({error})".replace("\n", " ")) from None
     if len(choices) < 2:
-        raise ConfigError(f"--space {item}: give a range or two or more choices ({SPEC_FORMS}); fix one value "
-                          "with --set KEY=VALUE")
+        raise ConfigError(
+            f"--space {item}: give a range or two or more choices ({SPEC_FORMS}); fix one value with --set KEY=VALUE"
+        )
     if any(not isinstance(choice, bool | int | float | str) for choice in choices):
         raise ConfigError(f"--space {item}: each choice must be a number, a string or true/false")
     if len(set(choices)) < len(choices):
@@ -242,8 +244,10 @@ def resolve_space(space: dict[str, Param], config: Config, *, distill_weight: fl
             if value is None and key == "distill.weight":
                 value = distill_weight
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ConfigError(f"--space {key}=around: the config's {key} is {value!r}, not a positive number; "
-                                  f"give the range, e.g. {key}=log:LOW:HIGH")
+                raise ConfigError(
+                    f"--space {key}=around: the config's {key} is {value!r}, not a positive number; "
+                    f"give the range, e.g. {key}=log:LOW:HIGH"
+                )
             param = replace(param, kind="log", low=value / param.factor, high=value * param.factor)
         resolved[key] = param
     return resolved

@@ -90,8 +90,11 @@ class TuneResult:
                 value = f"**{value}**"
             cells = [_cell(row[key]) for key in keys]
             step = "" if row["step"] is None else str(row["step"])
-            lines.append(f"| {row['trial']} | {row['state'].lower()} | {value} | {step} | " + " | ".join(cells)
-                         + f" | {row['minutes']:.1f} |")
+            lines.append(
+                f"| {row['trial']} | {row['state'].lower()} | {value} | {step} | "
+                + " | ".join(cells)
+                + f" | {row['minutes']:.1f} |"
+            )
         return "\n".join(lines)
 
 
@@ -224,9 +227,7 @@ def _open_study(folder: Path, config: Config, space: dict[str, Param], sampler: 
     from pkd.engine import config_changes
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=_STUDY, storage=_storage(folder), direction="maximize", load_if_exists=True
-    )
+    study = optuna.create_study(study_name=_STUDY, storage=_storage(folder), direction="maximize", load_if_exists=True)
     described = {key: param.describe() for key, param in space.items()}
     if "space" not in study.user_attrs:
         study.set_user_attr("config", config_to_dict(config))
@@ -313,7 +314,8 @@ def tune(
     except ImportError:
         raise ValueError('pkd tune needs Optuna: pip install "pkd[tune]" (or "optuna>=4")') from None
 
-    weight = _default_weight(config) if config.teacher is not None and (config.distill is None or config.distill.weight is None) else None
+    unset = config.teacher is not None and (config.distill is None or config.distill.weight is None)
+    weight = _default_weight(config) if unset else None
     searched = resolve_space(parse_space(space) if space else default_space(config), config, distill_weight=weight)
     check_space(searched, config)
     folder = Path(config.output) / "tune"
@@ -425,8 +427,10 @@ def plot_trials(rows: list[dict[str, Any]], space: dict[str, Param], out: Path) 
 
     figure, axes = plt.subplots(1, 1 + len(space), figsize=(4.2 * (1 + len(space)), 3.6), squeeze=False)
     axes = axes[0]
-    styles = {"COMPLETE": dict(marker="o", color="C0", label="completed"),
-              "PRUNED": dict(marker="x", color="C3", label="pruned (last val mAP)")}
+    styles = {
+        "COMPLETE": dict(marker="o", color="C0", label="completed"),
+        "PRUNED": dict(marker="x", color="C3", label="pruned (last val mAP)"),
+    }
     scored = [row for row in rows if row["val_mAP"] is not None and row["state"] in styles]
     for state, style in styles.items():
         points = [row for row in scored if row["state"] == state]
@@ -441,11 +445,16 @@ def plot_trials(rows: list[dict[str, Any]], space: dict[str, Param], out: Path) 
         running = [max(value for _, value in complete[: k + 1]) for k in range(len(complete))]
         axes[0].step([t for t, _ in complete], running, where="post", color="C0", alpha=0.5, label="best so far")
     axes[0].set(xlabel="trial", ylabel="validation mAP", title="trials")
+    axes[0].xaxis.get_major_locator().set_params(integer=True)
     axes[0].legend(fontsize=8)
     for ax, (key, param) in zip(axes[1:], space.items(), strict=True):
         ax.set(xlabel=key, title=param.describe())
         if param.kind == "log":
             ax.set_xscale("log")
+            ax.set_xlim(param.low / 1.15, param.high * 1.15)  # the whole range searched, not just what was tried
+        elif param.kind != "choice":
+            margin = (param.high - param.low) * 0.05
+            ax.set_xlim(param.low - margin, param.high + margin)
         if param.kind == "choice":
             ax.set_xticks(range(len(param.choices)), [str(c) for c in param.choices])
     for ax in axes:
@@ -460,4 +469,3 @@ def _plottable(value: Any, param: Param) -> float:
     if param.kind == "choice":
         return param.choices.index(value) if value in param.choices else math.nan
     return math.nan if value is None else float(value)
-
