@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 
+from pkd.config import config_to_dict
 from pkd.demo import (
     demo_dataset,
     demo_teacher,
@@ -171,6 +172,14 @@ def calibrate(settings, digits, teacher: Path, batches: int = 5, batch_size: int
         print(f"- {name}: {value:.4g}; weight equal to PKD x {pkd_weight:g}: {equal:.3g}")
 
 
+def config_value(config, key: str):
+    """The value of a dotted key in a config (None where a section is missing)."""
+    node = config_to_dict(config)
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
 def format_values(distill: dict | None, params: dict) -> str:
     """``w=64, lr=0.00025``: the weight and the other tuned values of a run."""
     values = ({"w": distill["weight"]} if distill else {}) | {k.rsplit(".", 1)[-1]: v for k, v in params.items()}
@@ -250,9 +259,10 @@ def main() -> None:
             )
             if study.best is None:
                 raise SystemExit(f"no trial of {method} completed; see {study.csv}")
-            chosen[method] = study.params()
+            # Values equal to the preset's stay out of the run's name: the demo's runs are reused.
+            chosen[method] = {k: v for k, v in study.params().items() if v != config_value(config, k)}
             states = [row["state"] for row in study.rows]
-            values = format_values(*split_params(bases[method], chosen[method]))
+            values = format_values(*split_params(bases[method], study.params()))
             tune_rows.append(
                 f"| {method} | {states.count('COMPLETE')} / {states.count('PRUNED')} | {study.best['val_mAP']:.3f} "
                 f"| {values} | `{study.folder}` |"
