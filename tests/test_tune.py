@@ -68,6 +68,13 @@ def test_three_trials_on_two_jobs_interrupted_and_resumed(tiny_digits, tmp_path)
 
     # Enough trials: a third call trains nothing and returns the same study.
     assert [row["trial"] for row in tune(config, trials=3, jobs=2).rows] == [row["trial"] for row in second.rows]
+    # The study is of this config and space: another is refused, saying what differs.
+    with pytest.raises(ValueError, match="another"):
+        tune(config, trials=4, space=["train.lr=0.01,0.03"])
+    values = config_to_dict(config)
+    values["train"]["steps"] = 6
+    with pytest.raises(ValueError, match="train.steps"):
+        tune(config_from_dict(values), trials=4)
 
 
 def test_grid_of_choices_on_one_job_from_the_cli(tiny_digits, tmp_path, capsys):
@@ -106,18 +113,20 @@ def test_a_bad_search_space_is_a_one_line_error(tiny_digits, tmp_path, capsys, s
     assert not (tmp_path / "run" / "tune" / "study.db").exists()
 
 
-def test_a_study_of_another_search_is_not_continued(tiny_digits, tmp_path):
-    config = config_from_dict(tiny_values(tiny_digits, tmp_path / "run"))
-    tune(config, trials=1, space=["train.lr=0.01,0.02"], sampler="grid", prune=False)
-    with pytest.raises(ValueError, match="another"):
-        tune(config, trials=2, space=["train.lr=0.01,0.03"], sampler="grid")
-    changed = config_from_dict({**config_to_dict(config), "train": {**config_to_dict(config)["train"], "steps": 6}})
-    with pytest.raises(ValueError, match="train.steps"):
-        tune(changed, trials=2, space=["train.lr=0.01,0.02"], sampler="grid")
-
-
 def test_a_config_without_validation_split_is_refused(tiny_digits, tmp_path):
     values = tiny_values(tiny_digits, tmp_path / "run")
     values["data"]["val"] = None
     with pytest.raises(ValueError, match="data.val"):
         tune(config_from_dict(values), trials=1)
+
+
+def test_pruned_trials_stop_at_a_validation_and_keep_no_checkpoints(tiny_digits, tmp_path, monkeypatch, capsys):
+    # A pruner that stops every trial at its first report (mAP is below 1): the machinery, without luck.
+    monkeypatch.setattr("pkd.tune._pruner", lambda config, prune: optuna.pruners.ThresholdPruner(lower=1.0))
+    config = config_from_dict(tiny_values(tiny_digits, tmp_path / "run"))
+    study = tune(config, trials=2, space=["train.lr=0.01,0.02"], sampler="grid")
+    assert [(row["state"], row["step"]) for row in study.rows] == [("PRUNED", 2), ("PRUNED", 2)]
+    assert study.best is None and study.best_config is None and study.params() == {}
+    assert not list((tmp_path / "run" / "tune").glob("trial_*/*.pt"))
+    assert (tmp_path / "run" / "tune" / "trials.png").is_file()
+    assert "pruned at step 2" in capsys.readouterr().out

@@ -36,6 +36,7 @@ from typing import Any
 import yaml
 
 from pkd.config import Config, ConfigError, config_from_dict, config_to_dict
+from pkd.metrics_log import METRICS_FILE, validation_curve
 from pkd.search_space import (
     Param,
     base_values,
@@ -155,6 +156,10 @@ def _objective(trial, config: Config, space: dict[str, Param], folder: Path, pru
     if earlier is not None and (folder / f"trial_{earlier}").is_dir() and not run_dir.exists():
         (folder / f"trial_{earlier}").rename(run_dir)  # an interrupted trial's run continues here
     reported: set[int] = set()
+    if (run_dir / METRICS_FILE).is_file():  # a resumed run: its validations so far are this trial's too
+        for step, value in validation_curve(run_dir):
+            trial.report(value, step)
+            reported.add(step)
 
     def on_validation(step: int, metrics: dict[str, float]) -> None:
         if step in reported:
@@ -162,6 +167,7 @@ def _objective(trial, config: Config, space: dict[str, Param], folder: Path, pru
         reported.add(step)
         trial.report(metrics["mAP"], step)
         if prune and trial.should_prune():
+            print(f"[tune] trial {trial.number} pruned at step {step}: val mAP {metrics['mAP']:.4f}", flush=True)
             raise optuna.TrialPruned(f"val mAP {metrics['mAP']:.4f} at step {step}, below the other trials'")
 
     try:
@@ -181,6 +187,8 @@ def _objective(trial, config: Config, space: dict[str, Param], folder: Path, pru
         raise
     trial.set_user_attr("best_step", results["best_step"])
     _drop_checkpoints(run_dir, keep_best=True)
+    values = ", ".join(f"{key}={_cell(value)}" for key, value in params.items())
+    print(f"[tune] trial {trial.number} ({values}): best val mAP {results['val']['mAP']:.4f}", flush=True)
     return results["val"]["mAP"]
 
 
@@ -207,6 +215,7 @@ def _work(
     """One worker: runs ``n_trials`` trials of the study in ``folder`` (in this process)."""
     import optuna
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial's end is one [tune] line instead
     if one_thread:
         import torch
 
