@@ -36,6 +36,7 @@ __all__ = [
     "get_preset",
     "run_demo",
     "run_name",
+    "student_config",
     "student_run_dir",
     "train_student",
 ]
@@ -354,6 +355,16 @@ def student_run_dir(workdir: str | Path, preset: str, name: str, seed: int) -> P
     return Path(workdir) / "runs" / preset / (name if seed == 0 else f"{name}-seed{seed}")
 
 
+def student_config(settings: Preset, digits, run_dir: Path, *, seed: int, distill=None, teacher=None, params=None):
+    """The :class:`~pkd.config.Config` of a student run of the preset (``params``: ``{dotted key: value}`` on top)."""
+    from pkd.config import config_from_dict, config_to_dict
+    from pkd.search_space import with_values
+
+    sections = {} if distill is None else {"teacher": {"weights": str(teacher)}, "distill": dict(distill)}
+    config = _config(settings, digits, run_dir, settings.student, settings.student_train, seed, **sections)
+    return config_from_dict(with_values(config_to_dict(config), params)) if params else config
+
+
 def train_student(
     settings: Preset,
     digits,
@@ -362,13 +373,13 @@ def train_student(
     seed: int,
     distill: dict[str, Any] | None = None,
     teacher: str | Path | None = None,
+    params: dict[str, Any] | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
     label: str = "student",
 ) -> Path:
-    """One student run of the preset, alone (``distill=None``) or distilled from ``teacher``."""
-    sections = {} if distill is None else {"teacher": {"weights": str(teacher)}, "distill": dict(distill)}
-    config = _config(settings, digits, run_dir, settings.student, settings.student_train, seed, **sections)
+    """One student run of the preset, alone (``distill=None``) or distilled (see :func:`student_config`)."""
+    config = student_config(settings, digits, run_dir, seed=seed, distill=distill, teacher=teacher, params=params)
     _run(run_dir, config, label, progress, log)
     return run_dir
 
