@@ -27,7 +27,8 @@ from pycocotools.coco import COCO
 from torch import Tensor
 from torchvision import tv_tensors
 
-from pkd.data.check import Problem, clean_coco, load_coco_json
+from pkd.data.check import clean_coco
+from pkd.data.coco_records import Problem, load_coco_json
 
 __all__ = ["CocoDetection", "Sample", "collate"]
 
