@@ -41,7 +41,7 @@ def test_boxes_are_tight_around_visible_ink(split):
         assert_tight_and_visible(objects)
 
 
-def test_an_image_does_not_depend_on_the_others():
+def test_an_image_is_a_function_of_its_seed_split_and_index():
     first, first_objects = render_image(4, "val", 3, **TINY)
     again, again_objects = render_image(4, "val", 3, **TINY)
     other, _ = render_image(5, "val", 3, **TINY)

@@ -231,6 +231,8 @@ def _area(box: tuple[int, int, int, int]) -> int:
 
 def _too_close(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
     """Whether two ink boxes overlap more than MAX_IOU allows, or one covers too much of the other."""
+    # Integer sums rather than torchvision.ops.box_iou: this runs for each placement attempt on
+    # a handful of boxes, where building tensors would cost more than the arithmetic.
     width = min(a[2], b[2]) - max(a[0], b[0])
     height = min(a[3], b[3]) - max(a[1], b[1])
     if width <= 0 or height <= 0:
