@@ -206,8 +206,8 @@ def cmd_data_digits(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pkd.analysis import format_table, inspect_pair
+    from pkd.analysis_plots import save_analysis_figures
     from pkd.config import load_config
-    from pkd.plots import save_analysis_figures
 
     config = load_config(args.config, args.overrides)
     analysis = inspect_pair(
