@@ -241,18 +241,6 @@ def test_distill_on_cuda_with_mixed_precision(teacher_run, tiny_digits, tmp_path
     assert torch.isfinite(torch.tensor(results["test"]["mAP"]))
 
 
-def test_validation_callback_can_stop_a_run(tiny_digits, tmp_path):
-    class Stop(Exception):
-        pass
-
-    def stop(step, metrics):
-        raise Stop(step)
-
-    with pytest.raises(Stop):
-        fit(tiny_config(tiny_digits, tmp_path / "stopped"), progress=False, on_validation=stop)
-    assert load_checkpoint(tmp_path / "stopped" / "last.pt")["state"]["step"] == 3  # saved before the callback
-
-
 @pytest.mark.ddp
 def test_ddp_distillation_with_connectors(teacher_run, tiny_digits, tmp_path):
     """Student and connectors train in one DDP: both ranks end with the same connector weights."""
@@ -273,3 +261,25 @@ def test_ddp_distillation_with_connectors(teacher_run, tiny_digits, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     checkpoint = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert checkpoint["state"]["step"] == 2 and checkpoint["connectors"]
+
+
+class StopTrial(Exception):
+    """What a tuner's pruning raises through fit's on_validation (optuna.TrialPruned in pkd.tune)."""
+
+
+def test_on_validation_sees_each_validation_and_can_stop_the_run(tiny_digits, tmp_path):
+    seen = []
+
+    def on_validation(step, metrics):
+        seen.append((step, metrics["mAP"]))
+        if step >= 3:
+            raise StopTrial
+
+    config = tiny_config(tiny_digits, tmp_path / "run", steps=6, eval_every=3)
+    with pytest.raises(StopTrial):
+        fit(config, progress=False, on_validation=on_validation)
+    assert [step for step, _ in seen] == [3]
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["state"]["step"] == 3  # saved before the hook ran
+    assert not (tmp_path / "run" / "results.json").exists()
+    results = fit(config, progress=False, on_validation=lambda step, metrics: seen.append((step, metrics["mAP"])))
+    assert [step for step, _ in seen] == [3, 6] and results["steps"] == 6

@@ -36,6 +36,7 @@ __all__ = [
     "get_preset",
     "run_demo",
     "run_name",
+    "student_config",
     "student_run_dir",
     "train_student",
 ]
@@ -60,15 +61,15 @@ _SIZES = {"train_sizes": [128], "eval_size": 128, "max_size": 256}
 _DATA = {"train_images": 2000, "val_images": 300, "test_images": 300, "image_size": (128, 128)}
 _ADAMW = {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.05, "schedule": "cosine", "clip_grad_norm": 10.0}
 _TEACHER_TRAIN = {"steps": 800, "batch_size": 16, "warmup_steps": 100, "eval_every": 200, **_ADAMW}
-# 600 steps: 6.0 min of a fresh-clone `make demo` of 19.8 min on 2 cores; the scratch preset keeps its 800.
+# The pretrained teacher trains for fewer steps than the scratch one: it is the first thing a fresh
+# `make demo` waits for (its share of the demo's time: docs/results.md).
 _LITE_TEACHER_TRAIN = {**_TEACHER_TRAIN, "steps": 600, "warmup_steps": 75, "eval_every": 150}
 _STUDENT_TRAIN = {"steps": 400, "batch_size": 8, "warmup_steps": 50, "eval_every": 100, **_ADAMW}
 # The pretrained students are validated every 50 steps: their curves are the demo's picture. Their
 # learning rate is the one under which the student alone did best on validation (seeds 0 and 1,
 # 1.25e-4 ... 3e-3; docs/results.md): at 1e-3 it had learnt far less in its 400 steps.
 _LITE_STUDENT_TRAIN = {**_STUDENT_TRAIN, "lr": 2.5e-4, "eval_every": 50}
-# The RetinaNet and YOLO students' numbers in docs/results.md were measured at the earlier 1e-3,
-# and their presets keep it.
+# The RetinaNet and YOLO presets train at 1e-3, the learning rate of their tables in docs/results.md.
 _LITE_STUDENT_TRAIN_LR3 = {**_LITE_STUDENT_TRAIN, "lr": 0.001}
 
 # The paper's regime: ImageNet-pretrained teacher and student (EfficientNet-Lite2 and -Lite0,
@@ -85,14 +86,14 @@ _LITE_STUDENT = {
     "fpn_channels": 128,
 }
 # Weights of the three feature losses for the pretrained pair at the students' learning rate:
-# chosen on the validation split by the same rule for each (benchmarks/bench_efficacy.py
-# --sweep; docs/results.md). CWD did best at the smallest weight tried, and below the student alone.
+# chosen on the validation split by the same rule for each (benchmarks/bench_efficacy.py,
+# docs/results.md). CWD did best at the smallest weight tried, and below the student alone.
 _LITE_DISTILL = {
     "pkd": {"loss": "pkd", "weight": 64.0},
     "mse": {"loss": "mse", "weight": 0.16},
     "cwd": {"loss": "cwd", "weight": 0.05},
 }
-# The choices of the same rule at the earlier learning rate 1e-3 (the RetinaNet preset's runs).
+# The choices of the same rule at learning rate 1e-3 (the RetinaNet preset's runs).
 _LITE_DISTILL_LR3 = {
     "pkd": {"loss": "pkd", "weight": 8.0},
     "mse": {"loss": "mse", "weight": 0.04},
@@ -153,7 +154,7 @@ PRESETS: dict[str, Preset] = {
         description="the default's pretrained FCOS Lite2 teacher -> an Ultralytics YOLO11n student (random init)",
         student={"name": "yolo11n"},
         student_train=_LITE_STUDENT_TRAIN_LR3,
-        # The weights measured for this pair (docs/results.md): the FCOS pair's before its sweep widened.
+        # The weights of docs/results.md's YOLO table: the FCOS pair's choices at lr 1e-3, weights 1/4 ... 4x.
         distill={
             "pkd": {"loss": "pkd", "weight": 2.0, "connectors": True},
             "mse": {"loss": "mse", "weight": 0.02, "connectors": True},
@@ -354,6 +355,16 @@ def student_run_dir(workdir: str | Path, preset: str, name: str, seed: int) -> P
     return Path(workdir) / "runs" / preset / (name if seed == 0 else f"{name}-seed{seed}")
 
 
+def student_config(settings: Preset, digits, run_dir: Path, *, seed: int, distill=None, teacher=None, params=None):
+    """The :class:`~pkd.config.Config` of a student run of the preset (``params``: ``{dotted key: value}`` on top)."""
+    from pkd.config import config_from_dict, config_to_dict
+    from pkd.search_space import with_values
+
+    sections = {} if distill is None else {"teacher": {"weights": str(teacher)}, "distill": dict(distill)}
+    config = _config(settings, digits, run_dir, settings.student, settings.student_train, seed, **sections)
+    return config_from_dict(with_values(config_to_dict(config), params)) if params else config
+
+
 def train_student(
     settings: Preset,
     digits,
@@ -362,13 +373,13 @@ def train_student(
     seed: int,
     distill: dict[str, Any] | None = None,
     teacher: str | Path | None = None,
+    params: dict[str, Any] | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
     label: str = "student",
 ) -> Path:
-    """One student run of the preset, alone (``distill=None``) or distilled from ``teacher``."""
-    sections = {} if distill is None else {"teacher": {"weights": str(teacher)}, "distill": dict(distill)}
-    config = _config(settings, digits, run_dir, settings.student, settings.student_train, seed, **sections)
+    """One student run of the preset, alone (``distill=None``) or distilled (see :func:`student_config`)."""
+    config = student_config(settings, digits, run_dir, seed=seed, distill=distill, teacher=teacher, params=params)
     _run(run_dir, config, label, progress, log)
     return run_dir
 

@@ -280,9 +280,10 @@ def fit(
         resume: continue from ``last.pt`` when the run folder has one (True or ``"last"``), from
             ``best.pt`` (``"best"``), or start afresh (False); see :func:`~pkd.checkpoint.resume_checkpoint`.
         progress: progress bars (default: when stderr is a terminal).
-        on_validation: called on the main process after each validation with the step and the
-            metrics, after the checkpoint is saved; an exception it raises (e.g. a search's
-            pruning) ends the run and propagates.
+        on_validation: called on the main process with the step and the validation metrics after
+            each validation (once the checkpoint of that step is saved). An exception it raises
+            stops the run where it is, ``last.pt`` kept; :func:`pkd.tune.tune` prunes hopeless
+            trials this way.
 
     Returns:
         ``results.json``'s content: best validation metrics, test metrics, steps, wall time,
