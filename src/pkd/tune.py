@@ -215,7 +215,7 @@ def _work(
     """One worker: runs ``n_trials`` trials of the study in ``folder`` (in this process)."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial's end is one [tune] line instead
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a trial's end is one [tune] line; errors re-raise
     if one_thread:
         import torch
 
@@ -235,7 +235,7 @@ def _open_study(folder: Path, config: Config, space: dict[str, Param], sampler: 
 
     from pkd.engine import config_changes
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(study_name=_STUDY, storage=_storage(folder), direction="maximize", load_if_exists=True)
     described = {key: param.describe() for key, param in space.items()}
     if "space" not in study.user_attrs:
