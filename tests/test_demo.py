@@ -100,3 +100,27 @@ def test_a_run_with_other_loader_workers_is_reused_and_a_changed_schedule_is_not
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         run_demo("huge")
+
+
+def test_student_config_takes_tuned_values_on_top_of_the_preset(tmp_path):
+    from types import SimpleNamespace
+
+    from pkd.demo import student_config
+
+    splits = ("train", "val", "test")
+    digits = SimpleNamespace(
+        annotations={s: tmp_path / f"{s}.json" for s in splits}, images={s: tmp_path / s for s in splits}
+    )
+    distill = {"loss": "pkd", "weight": 64.0}
+    plain = student_config(PRESETS["default"], digits, tmp_path / "run", seed=1, distill=distill, teacher="t.pt")
+    assert plain.train.lr == PRESETS["default"].student_train["lr"] and plain.distill.weight == 64.0
+    tuned = student_config(
+        PRESETS["default"],
+        digits,
+        tmp_path / "run",
+        seed=1,
+        distill=distill,
+        teacher="t.pt",
+        params={"train.lr": 5e-4, "distill.weight": 32.0},
+    )
+    assert (tuned.train.lr, tuned.distill.weight, tuned.train.seed, tuned.teacher.weights) == (5e-4, 32.0, 1, "t.pt")

@@ -28,6 +28,7 @@ import math
 import multiprocessing
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,7 +216,7 @@ def _work(
     """One worker: runs ``n_trials`` trials of the study in ``folder`` (in this process)."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial's end is one [tune] line instead
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a trial's end is one [tune] line; errors re-raise
     if one_thread:
         import torch
 
@@ -226,7 +227,9 @@ def _work(
         sampler=_sampler(sampler, space, trials=trials, grid_points=grid_points, seed=seed),
         pruner=_pruner(config, prune),
     )
-    study.optimize(lambda trial: _objective(trial, config, space, folder, prune), n_trials=n_trials)
+    # The table, plot and best.yaml follow the study as it goes, not only at its end.
+    write = lambda study, trial: _write_outputs(study, config, space, folder)  # noqa: E731
+    study.optimize(lambda trial: _objective(trial, config, space, folder, prune), n_trials=n_trials, callbacks=[write])
 
 
 def _open_study(folder: Path, config: Config, space: dict[str, Param], sampler: str, first: dict | None):
@@ -235,7 +238,7 @@ def _open_study(folder: Path, config: Config, space: dict[str, Param], sampler: 
 
     from pkd.engine import config_changes
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(study_name=_STUDY, storage=_storage(folder), direction="maximize", load_if_exists=True)
     described = {key: param.describe() for key, param in space.items()}
     if "space" not in study.user_attrs:
@@ -403,14 +406,26 @@ def _rows(study, space: dict[str, Param]) -> list[dict[str, Any]]:
     return rows
 
 
+def _replace(path: Path, write: Callable[[Path], Any]) -> Path:
+    """Writes ``path`` through a temporary file: a parallel worker's write never shows half done."""
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")
+    write(temporary)
+    os.replace(temporary, path)
+    return path
+
+
 def _write_outputs(study, config: Config, space: dict[str, Param], folder: Path) -> TuneResult:
+    """trials.csv, trials.png and best.yaml of the study so far (after every trial, and at the end)."""
     rows = _rows(study, space)
-    table = folder / "trials.csv"
-    with table.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["trial"])
-        writer.writeheader()
-        writer.writerows(rows)
-    plot = plot_trials(rows, space, folder / "trials.png")
+
+    def write_table(path: Path) -> None:
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["trial"])
+            writer.writeheader()
+            writer.writerows(rows)
+
+    table = _replace(folder / "trials.csv", write_table)
+    plot = _replace(folder / "trials.png", lambda path: plot_trials(rows, space, path))
     complete = [row for row in rows if row["state"] == "COMPLETE"]
     best = max(complete, key=lambda row: (row["val_mAP"], -row["trial"])) if complete else None
     best_config = None
@@ -423,7 +438,7 @@ def _write_outputs(study, config: Config, space: dict[str, Param], folder: Path)
             f"# pkd tune: trial {best['trial']} of {len(rows)}, validation mAP {best['val_mAP']:.4f} "
             f"({folder / 'trials.csv'}); searched: " + ", ".join(f"{k}={p.describe()}" for k, p in space.items())
         )
-        best_config.write_text(header + "\n" + yaml.safe_dump(values, sort_keys=False))
+        _replace(best_config, lambda path: path.write_text(header + "\n" + yaml.safe_dump(values, sort_keys=False)))
     return TuneResult(folder, space, rows, best, best_config, table, plot)
 
 
