@@ -40,9 +40,9 @@ import pickle
 import random
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -163,17 +163,21 @@ def _new_temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save(obj, path)`` that never leaves a partly written file at ``path``."""
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write(file)`` into ``path`` so that no partly written file is ever at ``path``.
+
+    The data goes to a temporary file next to ``path``, is synced to disk, and replaces
+    ``path`` in one rename; a failed write leaves ``path`` as it was.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
     temp = _new_temp_path(path)
     # os.open with mode 0o666 honours the umask, unlike tempfile.mkstemp's fixed 0o600, so the
-    # checkpoint gets the permissions a plain torch.save would give it.
+    # file gets the permissions a plain open() would give it.
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
+            write(file)
             file.flush()
             os.fsync(file.fileno())  # the data must be on disk before the rename makes it visible
         os.replace(temp, path)
@@ -181,6 +185,11 @@ def _atomic_save(obj: Any, path: Path) -> None:
         temp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save(obj, path)`` that never leaves a partly written file at ``path``."""
+    _atomic_write(path, lambda file: torch.save(obj, file))
 
 
 # ---------------------------------------------------------------------------------------------
