@@ -84,7 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if split is None:
         raise ConfigError(f"data.{args.split}: this config has no {args.split} split")
     if args.onnx is not None:
-        from pkd.deploy import OnnxDetector
+        from pkd.onnx_runner import OnnxDetector
 
         model = OnnxDetector(args.onnx)
         meta = {"detector": f"{model.metadata.get('detector', 'detector')} (ONNX Runtime, {args.onnx})"}

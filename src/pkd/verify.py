@@ -44,8 +44,10 @@ SCORE_THRESHOLD = 0.3
 BOX_TOLERANCE = 1.0
 #: Largest difference of score between matched detections (and the margin around the threshold).
 SCORE_TOLERANCE = 0.01
-#: Largest difference of a raw output, as a fraction of that output's largest magnitude in PyTorch.
-RAW_TOLERANCE = 1e-3
+#: Largest difference of a raw output, as a fraction of its largest magnitude in PyTorch. Float32
+#: rounding stays under 0.002 even in ill-conditioned random nets; a graph that resizes one pixel
+#: apart from PyTorch differs by 0.4 or more.
+RAW_TOLERANCE = 0.01
 
 
 @dataclass
