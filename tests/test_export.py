@@ -121,4 +121,3 @@ def test_bad_sizes_are_refused(tmp_path):
     with pytest.raises(DeployError, match="batch_size"):
         export_onnx(detector, tmp_path / "m.onnx", batch_size=0)
     assert not (tmp_path / "m.onnx").exists()
-
