@@ -137,3 +137,23 @@ def test_an_early_student_exports_verified_with_the_default_flags(tiny_digits, t
             onnx, pytorch = runtime([image])[0], detector.eval()([image])[0]
             assert onnx["boxes"].shape[1:] == (4,) and len(onnx["boxes"]) == len(pytorch["boxes"])
             assert np.allclose(onnx["boxes"].numpy(), pytorch["boxes"].numpy(), atol=0.1)
+
+
+def test_a_family_with_one_input_size_is_exported_and_checked_at_it(tiny_run, tmp_path, monkeypatch):
+    import dataclasses
+
+    from pkd import deploy
+    from pkd.families import describe
+
+    def fixed(model):
+        spec = describe(model)
+        return dataclasses.replace(spec, export=dataclasses.replace(spec.export, fixed_size=(48, 56)))
+
+    monkeypatch.setattr(deploy, "describe", fixed)
+    run, _ = tiny_run
+    done = deploy.export_run_onnx(run / "best.pt", tmp_path / "fixed.onnx")  # the 64x80 val images are resized to it
+    runtime = OnnxDetector(done.onnx)
+    assert runtime.image_size == (48, 56) and read_metadata(done.onnx)["image_size"] == "48x56"
+    assert done.comparison.ok and done.comparison.raw_compared > 0
+    with pytest.raises(deploy.DeployError, match="48x56"):
+        deploy.export_run_onnx(run / "best.pt", tmp_path / "other.onnx", image_size=(64, 64))
