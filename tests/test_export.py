@@ -7,7 +7,7 @@ import torch
 from onnx_helpers import TINY, confident, images_of_sizes
 from torchvision.models.detection import transform as detection_transform
 
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from pkd import export  # noqa: E402
@@ -101,6 +101,10 @@ def test_raw_outputs_are_dropped_for_the_shipped_file(tmp_path):
     runtime = OnnxDetector(shipped)
     assert runtime.raw_names == [] and "raw_outputs" not in read_metadata(shipped)
     assert [o.name for o in runtime.session.get_outputs()] == list(export.OUTPUT_NAMES)
+    graph = onnx.load(str(shipped)).graph
+    assert not [name for node in graph.node for name in node.output if name.startswith("raw.")]
+    raw_count = len(metadata["raw_outputs"]["labels"])
+    assert len(graph.node) == len(onnx.load(str(checked)).graph.node) - raw_count  # only their Identity nodes went
     image = images_of_sizes((70, 90))
     for key, value in OnnxDetector(checked)(image)[0].items():
         assert torch.equal(value, runtime(image)[0][key])

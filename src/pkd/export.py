@@ -386,14 +386,17 @@ def export_onnx(
 def drop_raw_outputs(source: str | os.PathLike, path: str | os.PathLike) -> Path:
     """Writes ``source`` without its raw outputs (and their metadata) to ``path``, atomically.
 
-    Only the declared outputs change: the nodes are the ones that were verified, and ONNX
-    Runtime skips those whose results nothing reads any more.
+    What goes is the outputs and the Identity nodes that named them; every node that computes
+    the detections is the one that was verified.
     """
     onnx = require("onnx")
     model = onnx.load(str(source))
     kept = [output for output in model.graph.output if not output.name.startswith(RAW_PREFIX)]
     del model.graph.output[:]
     model.graph.output.extend(kept)
+    nodes = [n for n in model.graph.node if not (n.output and all(o.startswith(RAW_PREFIX) for o in n.output))]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     kept_props = [(prop.key, prop.value) for prop in model.metadata_props if prop.key != "pkd.raw_outputs"]
     del model.metadata_props[:]
     for key, value in kept_props:
