@@ -142,6 +142,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         dynamic_size=not args.fixed_size,
         score_threshold=args.verify_threshold,
+        score_thresh=args.score_thresh,
     )
     print(f"exported the student to {done.pytorch} (PyTorch) and {done.onnx} (ONNX, {done.size_bytes / 1e6:.1f} MB)")
     print(f"verified with ONNX Runtime on {done.images}: {done.comparison.summary()}")
@@ -266,6 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--verify-images", type=int, default=8, metavar="N", help="how many of them (default 8)")
     onnx.add_argument(
         "--verify-threshold", type=float, default=0.3, metavar="SCORE", help="detections compared (default 0.3)"
+    )
+    onnx.add_argument(
+        "--score-thresh",
+        type=float,
+        metavar="SCORE",
+        help="lowest score the exported graph returns (default: the detector's own, e.g. 0.2 for FCOS)",
     )
     onnx.add_argument(
         "--size", type=int, nargs=2, metavar=("H", "W"), help="image size traced (default: the eval size, square)"

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from pkd.export import DeployError, detector_metadata, drop_raw_outputs, export_onnx
 from pkd.families import describe
+from pkd.features import submodule
 from pkd.verify import BOX_TOLERANCE, SCORE_THRESHOLD, SCORE_TOLERANCE, Comparison, verify_onnx
 
 __all__ = ["DeployError", "RunExport", "export_run_onnx", "load_images"]
@@ -95,6 +96,7 @@ def export_run_onnx(
     score_threshold: float = SCORE_THRESHOLD,
     box_tolerance: float = BOX_TOLERANCE,
     score_tolerance: float = SCORE_TOLERANCE,
+    score_thresh: float | None = None,
 ) -> RunExport:
     """Exports a pkd run's student to ONNX, verified against PyTorch with ONNX Runtime.
 
@@ -119,6 +121,8 @@ def export_run_onnx(
         score_threshold: See :func:`pkd.verify.verify_onnx`.
         box_tolerance: See :func:`pkd.verify.verify_onnx`.
         score_tolerance: See :func:`pkd.verify.verify_onnx`.
+        score_thresh: The lowest score the graph returns (default: the detector's own), set
+            on the module :attr:`pkd.detector.ExportSpec.thresholds_at` names.
 
     Returns:
         The paths, the ONNX file's size and the comparison.
@@ -144,7 +148,15 @@ def export_run_onnx(
         described = f"{len(images)} given images"
     pytorch = export_student(checkpoint, out.with_suffix(".pt"))
     detector, meta = load_detector(pytorch)
-    fixed_size = describe(detector).export.fixed_size
+    spec = describe(detector).export
+    if score_thresh is not None:
+        owner = submodule(detector, spec.thresholds_at)
+        if not hasattr(owner, "score_thresh"):
+            raise DeployError(f"{meta['detector']} has no score threshold to set (--score-thresh)")
+        if not 0 <= score_thresh <= 1:
+            raise DeployError(f"--score-thresh is a score in [0, 1], got {score_thresh}")
+        owner.score_thresh = score_thresh
+    fixed_size = spec.fixed_size
     if fixed_size is not None:
         if image_size is not None and tuple(image_size) != tuple(fixed_size):
             raise DeployError(f"{meta['detector']} takes {fixed_size[0]}x{fixed_size[1]} images only; drop --size")
