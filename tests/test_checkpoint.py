@@ -64,10 +64,9 @@ def run_checkpoint(**overrides):
         "kind": "run",
         "model": {"weight": torch.randn(4, 3), "bias": torch.zeros(4)},
         "meta": META,
-        "epoch": 2,
-        "step": 40,
+        "epoch": 2,  # a marker the tests below read back; the counters live in "state"
+        "state": {"epoch": 2, "step": 40, "best_metric": 0.25},
         "metrics": {"bbox_mAP": 0.25},
-        "best_metric": 0.25,
         "config": {"train": {"lr": 0.01, "levels": [0, 1, 2]}},
     }
     checkpoint.update(overrides)
@@ -86,14 +85,14 @@ def test_save_load_round_trip(tmp_path):
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
         scaler=scaler.state_dict(),
-        extra={"connectors": {"0.weight": torch.ones(2, 2, 1, 1)}},
+        connectors={"0.weight": torch.ones(2, 2, 1, 1)},
     )
     path = save_checkpoint(tmp_path / "sub" / "run.pt", checkpoint)
     loaded = load_checkpoint(path, detector="fcos_resnet50_fpn", num_classes=3)
 
     assert loaded["format"] == "pkd" and loaded["version"] == 1 and loaded["kind"] == "run"
     assert loaded["meta"] == META  # int keys of label_map/class_names survive weights_only
-    assert loaded["epoch"] == 2 and loaded["step"] == 40 and loaded["best_metric"] == 0.25
+    assert loaded["state"] == {"epoch": 2, "step": 40, "best_metric": 0.25}
     torch.testing.assert_close(loaded["model"], model.state_dict())
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
@@ -111,7 +110,7 @@ def test_save_rejects_values_weights_only_cannot_load(tmp_path):
     with pytest.raises(CheckpointError, match=r"lacks \['class_names'\]"):
         save_checkpoint(tmp_path / "a.pt", run_checkpoint(meta={k: v for k, v in META.items() if k != "class_names"}))
     with pytest.raises(CheckpointError, match="'epoch'\\] must be an int"):
-        save_checkpoint(tmp_path / "a.pt", run_checkpoint(epoch=2.0))
+        save_checkpoint(tmp_path / "a.pt", run_checkpoint(state={"epoch": 2.0}))
     assert not list(tmp_path.iterdir())
 
 
@@ -348,7 +347,7 @@ def test_export_loads_into_plain_torchvision_without_pkd(tmp_path):
         model=student.state_dict(),
         optimizer=torch.optim.SGD(student.parameters(), lr=0.1).state_dict(),
         rng=rng_state(),
-        extra={"connectors": {"0.weight": torch.ones(16, 16, 1, 1)}},
+        connectors={"0.weight": torch.ones(16, 16, 1, 1)},
     )
     run_path = save_checkpoint(tmp_path / "last.pt", checkpoint)
     out_path = export_student(load_checkpoint(run_path), tmp_path / "student.pt")
@@ -383,10 +382,12 @@ def test_export_rejects_wrapper_state_dicts(tmp_path):
 
 def test_checkpoint_summary():
     assert (
-        checkpoint_summary({"format": "pkd", "version": 1, **run_checkpoint(best_metric=0.3125)})
+        checkpoint_summary(
+            {"format": "pkd", "version": 1, **run_checkpoint(state={"epoch": 2, "step": 40, "best_metric": 0.3125})}
+        )
         == "run checkpoint: fcos_resnet50_fpn, 3 classes, epoch 2, step 40, best metric 0.3125"
     )
-    assert checkpoint_summary(run_checkpoint(best_metric=None, step=None)).endswith("epoch 2, no best metric yet")
+    assert checkpoint_summary(run_checkpoint(state={"epoch": 2})).endswith("epoch 2, no best metric yet")
     assert checkpoint_summary({"kind": "export", "meta": META}) == "exported student: fcos_resnet50_fpn, 3 classes"
 
 

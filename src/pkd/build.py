@@ -3,7 +3,8 @@
 The one place where a :class:`~pkd.config.Config`'s sections become built parts, shared by
 training (:func:`pkd.engine.fit`), ``pkd eval`` / ``pkd export`` and ``pkd inspect``
 (:func:`pkd.analysis.inspect_pair`); the library's classes take built parts and never read a
-config.
+config. Datasets too: :func:`build_dataset` is the one place a ``data`` section becomes
+:class:`~pkd.data.CocoDetection` splits.
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import torch
 from torch import nn
 
 from pkd.checkpoint import CheckpointError, PickledFileError, load_checkpoint, read_weights
-from pkd.config import DistillConfig, ModelConfig
+from pkd.config import DataConfig, DistillConfig, ModelConfig
+from pkd.data import CocoDetection, eval_transforms, train_transforms
 from pkd.distiller import Distiller
 from pkd.families import family_of
 from pkd.models import build_detector
 
 __all__ = [
+    "build_dataset",
     "build_distiller",
     "build_model",
     "build_optimizer",
@@ -163,3 +166,34 @@ def lr_factor(step: int, config, total_steps: int) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int):
     """A per-step ``LambdaLR`` following :func:`lr_factor`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, total_steps))
+
+
+def build_dataset(
+    data: DataConfig, split: str, *, label_map: dict[int, int] | None = None, augment: bool = False
+) -> CocoDetection:
+    """One split of a ``data`` section as a :class:`~pkd.data.CocoDetection`.
+
+    Args:
+        data: the config's data section.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        label_map: COCO category id -> contiguous label (e.g. a checkpoint's); default: the split's
+            own categories, in order.
+        augment: the training transforms (random size and flip); else the evaluation ones.
+
+    Raises:
+        ValueError: the config has no such split.
+    """
+    section = getattr(data, split, None)
+    if section is None:
+        raise ValueError(f"data.{split}: the config has no {split} split")
+    if augment:
+        transforms = train_transforms(min_sizes=data.train_sizes, max_size=data.max_size, flip_prob=data.flip_prob)
+    else:
+        transforms = eval_transforms()
+    return CocoDetection(
+        section.annotations,
+        section.images,
+        transforms=transforms,
+        label_map=label_map,
+        drop_empty=augment and data.drop_empty,
+    )

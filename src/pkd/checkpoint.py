@@ -16,8 +16,9 @@ lists, tuples, strings, numbers, ``None``) and loading one never runs code from 
         },
         # run checkpoints only, all optional:
         "optimizer": ..., "scheduler": ..., "scaler": ...,  # state dicts
-        "epoch": 3, "step": 1200, "rng": rng_state(), "config": {...},
-        "metrics": {"bbox_mAP": 0.31}, "best_metric": 0.31, "extra": {"connectors": ...},
+        "state": {"step": 1200, "epoch": 3, "best_metric": 0.31, ...},  # TrainState.state_dict()
+        "rng": rng_state(), "config": {...}, "metrics": {"mAP": 0.31},
+        "connectors": {...},  # a distillation run's connector weights
     }
 
 A run checkpoint is what training resumes from; its ``"model"`` is already the bare student
@@ -270,16 +271,19 @@ def _check_checkpoint(checkpoint: Any, where: str) -> None:
         raise CheckpointError(f"{where} is a {kind} checkpoint without {weights_key!r}")
     _check_state_dict(checkpoint[weights_key], f"{where}[{weights_key!r}]")
     _check_meta(checkpoint.get("meta"), where)
+    state = checkpoint.get("state", {})
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}['state'] must be a dict, got {type(state).__name__}")
     for key in ("epoch", "step"):
-        if key in checkpoint and type(checkpoint[key]) is not int:
-            raise CheckpointError(f"{where}[{key!r}] must be an int, got {checkpoint[key]!r}")
-    best = checkpoint.get("best_metric")
+        if key in state and type(state[key]) is not int:
+            raise CheckpointError(f"{where}['state'][{key!r}] must be an int, got {state[key]!r}")
+    best = state.get("best_metric")
     if best is not None and type(best) not in (int, float):
-        raise CheckpointError(f"{where}['best_metric'] must be a float or None, got {best!r}")
+        raise CheckpointError(f"{where}['state']['best_metric'] must be a float or None, got {best!r}")
     metrics = checkpoint.get("metrics", {})
     if not isinstance(metrics, dict) or not all(type(value) in (int, float) for value in metrics.values()):
         raise CheckpointError(f"{where}['metrics'] must be a dict of floats, got {metrics!r:.200}")
-    for key in ("optimizer", "scheduler", "scaler", "rng", "config", "extra"):
+    for key in ("optimizer", "scheduler", "scaler", "rng", "config", "connectors"):
         if key in checkpoint and checkpoint[key] is not None and not isinstance(checkpoint[key], dict):
             raise CheckpointError(f"{where}[{key!r}] must be a dict, got {type(checkpoint[key]).__name__}")
 
@@ -562,7 +566,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 def export_student(checkpoint: Mapping[str, Any], out_path: str | os.PathLike, *, half: bool = False) -> Path:
     """Writes the student alone (weights + meta) for inference, atomically.
 
-    Everything else in a run checkpoint (optimizer, scheduler, RNG, connectors in ``"extra"``)
+    Everything else in a run checkpoint (optimizer, scheduler, RNG, connectors)
     is dropped, and the weights are moved to the CPU so that the file loads anywhere. The file
     needs no pkd to use: for torchvision's own detectors (the ResNet-50 ones, FPN width 256)::
 
@@ -653,10 +657,11 @@ def checkpoint_summary(checkpoint: Mapping[str, Any]) -> str:
     kind = checkpoint.get("kind", "run")
     parts = [f"{meta.get('detector', '?')}, {meta.get('num_classes', '?')} classes"]
     if kind == "run":
+        state = checkpoint.get("state", {})
         for key in ("epoch", "step"):
-            if checkpoint.get(key) is not None:
-                parts.append(f"{key} {checkpoint[key]}")
-        best = checkpoint.get("best_metric")
+            if state.get(key) is not None:
+                parts.append(f"{key} {state[key]}")
+        best = state.get("best_metric")
         parts.append(f"best metric {best:.4f}" if best is not None else "no best metric yet")
     title = "exported student" if kind == "export" else f"{kind} checkpoint"
     return f"{title}: {', '.join(parts)}"

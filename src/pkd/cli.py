@@ -30,7 +30,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
-    from pkd.engine import COCO_METRICS
+    from pkd.evaluation import COCO_METRICS
 
     print(title)
     for name in COCO_METRICS:
@@ -52,12 +52,13 @@ def _load_run_config(args: argparse.Namespace, *, distill: bool):
 
 def _train(args: argparse.Namespace, *, distill: bool) -> int:
     from pkd.engine import fit
+    from pkd.plots import plot_run
 
     config = _load_run_config(args, distill=distill)
     results = fit(config, resume=not args.no_resume, progress=args.progress)
     if results is None:  # not the main process of a DDP run
         return 0
-    print(f"run folder: {config.output}")
+    print(f"run folder: {config.output} (curves: {plot_run(config.output).name})")
     if "val" in results:
         _print_metrics(f"best validation (step {results['best_step']}):", results["val"])
     if "test" in results:
@@ -73,11 +74,36 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return _train(args, distill=True)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pkd.config import load_config
+    from pkd.tune import tune
+
+    overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
+    config = load_config(args.config, overrides)
+    result = tune(
+        config,
+        trials=args.trials,
+        jobs=args.jobs,
+        space=args.space or None,
+        sampler=args.sampler,
+        grid_points=args.grid_points,
+        prune=args.prune,
+        seed=args.seed,
+    )
+    print(f"\n{result.table()}\n")
+    print(f"trials: {result.csv}\nplot:   {result.plot}")
+    if result.best_config is not None:
+        command = "distill" if config.teacher is not None else "train"
+        print(f"best:   trial {result.best['trial']}, validation mAP {result.best['val_mAP']:.4f}")
+        print(f"train with it: pkd {command} {result.best_config}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pkd.build import load_detector, resolve_device
     from pkd.config import ConfigError, load_config
     from pkd.data import CocoDetection, build_loader, eval_transforms
-    from pkd.engine import evaluate
+    from pkd.evaluation import evaluate
 
     config = load_config(args.config, args.overrides)
     split = getattr(config.data, args.split)
@@ -181,8 +207,8 @@ def cmd_data_digits(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pkd.analysis import format_table, inspect_pair
+    from pkd.analysis_plots import save_analysis_figures
     from pkd.config import load_config
-    from pkd.plots import save_analysis_figures
 
     config = load_config(args.config, args.overrides)
     analysis = inspect_pair(
@@ -240,6 +266,33 @@ def build_parser() -> argparse.ArgumentParser:
     distill = commands.add_parser("distill", help="train a student with a frozen teacher's FPN features")
     _add_run_arguments(distill)
     distill.set_defaults(handler=cmd_distill)
+
+    from pkd.search_space import SPEC_FORMS
+
+    tune = commands.add_parser(
+        "tune",
+        help="search the distillation weight and learning rate (or any config key) on the validation split",
+        description="Trains one run per trial (Optuna, TPE or grid, pruning trials behind the others' validation "
+        "curves) and writes RUN/tune/: study.db (run again to continue it), trial_K/, trials.csv, trials.png and "
+        "best.yaml, the config to train with. See docs/tune.md.",
+    )
+    _add_config_arguments(tune)
+    tune.add_argument("--trials", type=int, required=True, help="trials in the study in all (completed or pruned)")
+    tune.add_argument("--jobs", type=int, default=1, help="trials at a time, one process and thread each (default 1)")
+    tune.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="KEY=SPEC",
+        help=f"a searched config key (repeatable); SPEC: {SPEC_FORMS}. Default: train.lr=around and, when "
+        "distilling, distill.weight=around (the config's value / 4 to x 4)",
+    )
+    tune.add_argument("--sampler", default="tpe", choices=("tpe", "grid"), help="Optuna sampler (default tpe)")
+    tune.add_argument("--grid-points", type=int, default=3, help="values per range with --sampler grid (default 3)")
+    tune.add_argument("--no-prune", dest="prune", action="store_false", help="train every trial to the end")
+    tune.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    tune.add_argument("--output", help="run folder; the study goes into OUTPUT/tune (default: the config's output)")
+    tune.set_defaults(handler=cmd_tune)
 
     evaluate = commands.add_parser("eval", help="COCO box mAP of a checkpoint on a split of a config's data")
     _add_config_arguments(evaluate)

@@ -32,6 +32,7 @@ __all__ = [
     "SplitConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_changes",
     "config_from_dict",
     "config_reference",
     "config_to_dict",
@@ -362,3 +363,23 @@ def config_reference() -> str:
                 meaning += f" ({' / '.join(f.metadata['choices'])})"
             lines.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {default} | {meaning} |")
     return "\n".join(lines) + "\n"
+
+
+# Keys that may change between an interrupted run and its resumption without changing the result.
+_RESUMABLE_CHANGES = {"output", "train.device", "train.log_every", "data.workers", "train.checkpoint_every"}
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(values, dict):
+        return {prefix: values}
+    flat = {}
+    for key, value in values.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """Differences between two plain configs that would change a run, as ``key: old -> new``."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = [k for k in dict.fromkeys([*old, *new]) if k not in _RESUMABLE_CHANGES]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

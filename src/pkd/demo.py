@@ -36,6 +36,7 @@ __all__ = [
     "get_preset",
     "run_demo",
     "run_name",
+    "student_config",
     "student_run_dir",
     "train_student",
 ]
@@ -200,8 +201,7 @@ def _config(preset: Preset, digits, output: Path, model: dict, train: dict, seed
 
 def _same_config(run_dir: Path, config) -> bool:
     """Whether ``run_dir`` holds a run of ``config`` (settings that do not change a run, like workers, aside)."""
-    from pkd.config import config_to_dict, load_config
-    from pkd.engine import config_changes
+    from pkd.config import config_changes, config_to_dict, load_config
 
     saved = run_dir / "config.yaml"
     return saved.is_file() and not config_changes(config_to_dict(load_config(saved)), config_to_dict(config))
@@ -210,6 +210,7 @@ def _same_config(run_dir: Path, config) -> bool:
 def _run(run_dir: Path, config, label: str, progress: bool | None, log: Callable[[str], None]) -> None:
     """Trains unless this exact run is finished; resumes an interrupted one; restarts a changed one."""
     from pkd.engine import fit
+    from pkd.plots import plot_run
 
     same = _same_config(run_dir, config)
     if same and (run_dir / "results.json").is_file():
@@ -222,6 +223,7 @@ def _run(run_dir: Path, config, label: str, progress: bool | None, log: Callable
     else:
         log(f"      {label}")
     fit(config, resume=same, progress=progress)
+    plot_run(run_dir)
 
 
 def _inference_ms(model, dataset, device, count: int = 20) -> float:
@@ -349,6 +351,16 @@ def student_run_dir(workdir: str | Path, preset: str, name: str, seed: int) -> P
     return Path(workdir) / "runs" / preset / (name if seed == 0 else f"{name}-seed{seed}")
 
 
+def student_config(settings: Preset, digits, run_dir: Path, *, seed: int, distill=None, teacher=None, params=None):
+    """The :class:`~pkd.config.Config` of a student run of the preset (``params``: ``{dotted key: value}`` on top)."""
+    from pkd.config import config_from_dict, config_to_dict
+    from pkd.search_space import with_values
+
+    sections = {} if distill is None else {"teacher": {"weights": str(teacher)}, "distill": dict(distill)}
+    config = _config(settings, digits, run_dir, settings.student, settings.student_train, seed, **sections)
+    return config_from_dict(with_values(config_to_dict(config), params)) if params else config
+
+
 def train_student(
     settings: Preset,
     digits,
@@ -357,13 +369,13 @@ def train_student(
     seed: int,
     distill: dict[str, Any] | None = None,
     teacher: str | Path | None = None,
+    params: dict[str, Any] | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
     label: str = "student",
 ) -> Path:
-    """One student run of the preset, alone (``distill=None``) or distilled from ``teacher``."""
-    sections = {} if distill is None else {"teacher": {"weights": str(teacher)}, "distill": dict(distill)}
-    config = _config(settings, digits, run_dir, settings.student, settings.student_train, seed, **sections)
+    """One student run of the preset, alone (``distill=None``) or distilled (see :func:`student_config`)."""
+    config = student_config(settings, digits, run_dir, seed=seed, distill=distill, teacher=teacher, params=params)
     _run(run_dir, config, label, progress, log)
     return run_dir
 
@@ -394,7 +406,7 @@ def run_demo(
 
     from pkd.build import load_detector
     from pkd.data import CocoDetection, eval_transforms
-    from pkd.engine import evaluate
+    from pkd.evaluation import evaluate
     from pkd.metrics_log import validation_curve
     from pkd.models import count_parameters
     from pkd.plots import plot_runs

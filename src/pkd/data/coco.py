@@ -26,8 +26,10 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch import Tensor
 from torchvision import tv_tensors
+from torchvision.ops import box_convert
 
-from pkd.data.check import Problem, clean_coco, load_coco_json
+from pkd.data.check import clean_coco
+from pkd.data.coco_records import Problem, load_coco_json
 
 __all__ = ["CocoDetection", "Sample", "collate"]
 
@@ -186,6 +188,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def _load_image(self, image_id: int) -> tv_tensors.Image | None:
         path = self.images_dir / self.coco.imgs[image_id]["file_name"]
+        # PIL, not torchvision.io.decode_image: torchvision deprecates its decoders since 0.29,
+        # and PIL also reads the BMP and TIFF files that some datasets hold.
         try:
             with Image.open(path) as file:
                 pixels = np.asarray(file.convert("RGB"))
@@ -199,7 +203,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def _target(self, image_id: int, height: int, width: int) -> dict[str, Any]:
         annotations = self._training_annotations(image_id)
         boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
+        boxes = box_convert(boxes, "xywh", "xyxy")
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         # Only an image whose file has another size than its record can turn a box empty here.
