@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the student alone: a plain torchvision state_dict, or an ONNX graph checked with ONNX Runtime",
         description="--format pt writes the student's weights; --format onnx writes them too (OUT with .pt) "
         "and the whole detector as an ONNX graph (pre- and post-processing inside), run with ONNX Runtime "
-        "on real images and compared with PyTorch before it is kept.",
+        "on real images and compared with PyTorch (backbone and head outputs before any threshold, then the "
+        "detections) before it is kept.",
     )
     export.add_argument("run", help="run folder (or a checkpoint file)")
     export.add_argument("--out", required=True, type=Path, help="output file, e.g. student.pt or student.onnx")
