@@ -37,7 +37,7 @@ def test_quick_demo_writes_the_report_table_and_plot(quick_demo):
     assert "Wall time of this `pkd demo` call" in text and "students" in text
     assert "reaches alone's final val mAP" in text
     assert report.deploy["onnx"] == workdir / "student_pkd_quick.onnx" and report.deploy["onnx"].is_file()
-    assert "Deploy: the PKD student in ONNX, `" in text and "images/s" in text
+    assert "Deploy: the PKD student in ONNX, `" in text and "bench_onnx.py" in text
     assert "reaches_alone_at_step" in report.rows["pkd"] and "reaches_alone_at_step" not in report.rows["alone"]
     curve = validation_curve(runs / "alone")
     assert [step for step, _ in curve] == [4, 8] and all(0 <= value <= 1 for _, value in curve)

@@ -118,7 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if split is None:
         raise ConfigError(f"data.{args.split}: this config has no {args.split} split")
     if args.onnx is not None:
-        from pkd.deploy import OnnxDetector
+        from pkd.onnx_runner import OnnxDetector
 
         model = OnnxDetector(args.onnx)
         meta = {"detector": f"{model.metadata.get('detector', 'detector')} (ONNX Runtime, {args.onnx})"}
@@ -182,6 +182,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         dynamic_size=not args.fixed_size,
         score_threshold=args.verify_threshold,
+        score_thresh=args.score_thresh,
     )
     print(f"exported the student to {done.pytorch} (PyTorch) and {done.onnx} (ONNX, {done.size_bytes / 1e6:.1f} MB)")
     print(f"verified with ONNX Runtime on {done.images}: {done.comparison.summary()}")
@@ -326,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the student alone: a plain torchvision state_dict, or an ONNX graph checked with ONNX Runtime",
         description="--format pt writes the student's weights; --format onnx writes them too (OUT with .pt) "
         "and the whole detector as an ONNX graph (pre- and post-processing inside), run with ONNX Runtime "
-        "on real images and compared with PyTorch before it is kept.",
+        "on real images and compared with PyTorch (backbone and head outputs before any threshold, then the "
+        "detections) before it is kept.",
     )
     export.add_argument("run", help="run folder (or a checkpoint file)")
     export.add_argument("--out", required=True, type=Path, help="output file, e.g. student.pt or student.onnx")
@@ -338,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--verify-images", type=int, default=8, metavar="N", help="how many of them (default 8)")
     onnx.add_argument(
         "--verify-threshold", type=float, default=0.3, metavar="SCORE", help="detections compared (default 0.3)"
+    )
+    onnx.add_argument(
+        "--score-thresh",
+        type=float,
+        metavar="SCORE",
+        help="lowest score the exported graph returns (default: the detector's own, e.g. 0.2 for FCOS)",
     )
     onnx.add_argument(
         "--size", type=int, nargs=2, metavar=("H", "W"), help="image size traced (default: the eval size, square)"

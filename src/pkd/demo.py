@@ -275,32 +275,28 @@ class DemoReport:
         return "\n".join(lines)
 
 
-def deploy_student(run_dir: Path, out: Path, images: list, *, verify: int = 8) -> dict[str, Any]:
-    """Exports a student run to ONNX (verified with ONNX Runtime) and measures both runtimes.
+def deploy_student(run_dir: Path, out: Path, images: list) -> dict[str, Any]:
+    """Exports a student run to ONNX, verified with ONNX Runtime on ``images``.
+
+    Its speed is measured apart, by ``benchmarks/bench_onnx.py`` (docs/performance.md).
 
     Args:
         run_dir: The student's run folder (its ``best.pt`` is exported).
         out: The ``.onnx`` file (the PyTorch export goes next to it, as ``.pt``).
-        images: ``(3, H, W)`` float images in [0, 1]: the first ``verify`` check the export,
-            all of them time both runtimes, one image per call, with torch's thread count.
-        verify: How many images check the export.
+        images: ``(3, H, W)`` float images in [0, 1] that check the export.
 
     Returns:
-        ``{"onnx", "size_mb", "verified", "threads", "pytorch_images_per_s", "onnx_images_per_s",
-        "onnx_speedup"}``, or ``{"skipped": reason}`` without the onnx extra.
+        ``{"onnx", "size_mb", "verified"}``, or ``{"skipped": reason}`` without the onnx extra.
     """
     from pkd import deploy
-    from pkd.build import load_detector
 
     try:
-        done = deploy.export_run_onnx(run_dir / "best.pt", out, images=images[:verify])
+        done = deploy.export_run_onnx(run_dir / "best.pt", out, images=images)
     except deploy.DeployError as error:
         if "not installed" not in str(error):
             raise
         return {"skipped": str(error)}
-    detector, _ = load_detector(done.pytorch)
-    speed = deploy.compare_speed(detector, done.onnx, images)
-    return {"onnx": done.onnx, "size_mb": done.size_bytes / 1e6, "verified": done.comparison.summary(), **speed}
+    return {"onnx": done.onnx, "size_mb": done.size_bytes / 1e6, "verified": done.comparison.summary()}
 
 
 def get_preset(name: str) -> Preset:
@@ -482,8 +478,8 @@ def run_demo(
     plot = plot_runs(list(run_dirs.values()), workdir / f"map_{preset}.png", labels=[RUN_LABELS[n] for n in run_dirs])
     deployed = {}
     if "pkd" in run_dirs:
-        log("      the PKD student in ONNX: export, check with ONNX Runtime, speed")
-        images = [test_set[index][0] for index in range(min(20, len(test_set)))]
+        log("      the PKD student in ONNX: export, check with ONNX Runtime")
+        images = [test_set[index][0] for index in range(min(8, len(test_set)))]
         deployed = deploy_student(run_dirs["pkd"], workdir / f"student_pkd_{preset}.onnx", images)
     stage_done("report")
     wall_time = round(sum(stage_times.values()), 1)
@@ -527,8 +523,6 @@ def _deploy_lines(deployed: dict[str, Any]) -> list[str]:
     return [
         f"Deploy: the PKD student in ONNX, `{deployed['onnx']}` ({deployed['size_mb']:.1f} MB, whole detector with "
         f"pre- and post-processing; `pkd eval --onnx` evaluates it). Checked against PyTorch with ONNX Runtime on "
-        f"test images: {deployed['verified']}. ONNX Runtime (CPU, {deployed['threads']} threads): "
-        f"**{deployed['onnx_images_per_s']:.1f} images/s**, against {deployed['pytorch_images_per_s']:.1f} for "
-        f"PyTorch eager with the same threads and images ({deployed['onnx_speedup']:.2f}x).",
+        f"test images: {deployed['verified']}. Its speed against PyTorch: `python benchmarks/bench_onnx.py`.",
         "",
     ]

@@ -56,11 +56,18 @@ class ExportSpec:
             dynamic axes). A family whose models resize every image to one size says so here.
         native_format: the name of the family's own file format that :meth:`Family.export_native`
             writes (``"ultralytics"``), or None.
+        raw_outputs: dotted paths of the submodules whose outputs are what the detector computes
+            before any score threshold, top-k or NMS (its heads' logits and box regressions).
+            Export verification compares them, and the feature module's, between ONNX Runtime
+            and PyTorch, so an untrained detector that detects nothing is checked too. Name
+            only modules whose outputs do not depend on a ranking (a second stage fed by NMS'd
+            proposals does not qualify); ``()``: the feature module alone.
     """
 
     thresholds_at: str = ""
     fixed_size: tuple[int, int] | None = None
     native_format: str | None = None
+    raw_outputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

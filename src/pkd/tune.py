@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from pkd.config import Config, ConfigError, config_from_dict, config_to_dict
+from pkd.io import atomic_path
 from pkd.metrics_log import METRICS_FILE, validation_curve
 from pkd.search_space import (
     Param,
@@ -407,10 +408,10 @@ def _rows(study, space: dict[str, Param]) -> list[dict[str, Any]]:
 
 
 def _replace(path: Path, write: Callable[[Path], Any]) -> Path:
-    """Writes ``path`` through a temporary file: a parallel worker's write never shows half done."""
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}{path.suffix}")
-    write(temporary)
-    os.replace(temporary, path)
+    """``write(temporary)``, then the temporary file becomes ``path`` (pkd.io's atomic write): a
+    parallel worker's write never shows half done."""
+    with atomic_path(path) as temporary:
+        write(temporary)
     return path
 
 
@@ -484,7 +485,7 @@ def plot_trials(rows: list[dict[str, Any]], space: dict[str, Param], out: Path) 
     for ax in axes:
         ax.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(out, dpi=110)
+    figure.savefig(out, dpi=110, format="png")  # out may be a temporary name without .png
     plt.close(figure)
     return out
 

@@ -285,7 +285,10 @@ def _spec(model: nn.Module, strides: dict[str, int]) -> DetectorSpec:
             "the reference configs (MMRazor PKD) use 6 with a two-stage teacher (Faster / Mask R-CNN) "
             "and 10 with a one-stage one (RetinaNet, FCOS)"
         ),
-        export=ExportSpec(thresholds_at="roi_heads" if two_stage else ""),
+        # The RoI heads see proposals ranked and NMS'd by the RPN: their outputs are checked as detections.
+        export=ExportSpec(
+            thresholds_at="roi_heads" if two_stage else "", raw_outputs=("rpn.head",) if two_stage else ("head",)
+        ),
     )
 
 

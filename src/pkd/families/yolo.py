@@ -419,8 +419,15 @@ def _spec(detector: YoloDetector) -> DetectorSpec:
         image_std=(1.0, 1.0, 1.0),
         distill_weight=10.0,
         weight_reason="a one-stage dense detector: the reference configs use 10 with a one-stage teacher",
-        export=ExportSpec(native_format="ultralytics"),
+        export=ExportSpec(native_format="ultralytics", raw_outputs=_raw_outputs(detector)),
     )
+
+
+def _raw_outputs(detector: YoloDetector) -> tuple[str, ...]:
+    """The Detect head's box and class branches, per level: its outputs before decoding and top-k."""
+    head = f"model.model.{len(detector.model.model) - 1}"
+    branches = [b for b in ("cv2", "cv3", "one2one_cv2", "one2one_cv3") if getattr(detector.head, b, None) is not None]
+    return tuple(f"{head}.{b}.{level}" for b in branches for level in range(len(getattr(detector.head, b))))
 
 
 class YoloFamily(Family):
