@@ -8,7 +8,7 @@ STAMP := $(VENV)/.pkd-installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,pretrained,yolo,onnx,tune]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,pretrained,yolo,detr,onnx,tune]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,10 +17,15 @@ shared machine affect all of them alike.
     python benchmarks/bench_distill_step.py [--rounds 5] [--batch 4] [--size 512]
     python benchmarks/bench_distill_step.py --allocator default   # glibc's defaults
     python benchmarks/bench_distill_step.py --pair yolo           # YOLO11s teacher -> YOLO26n student
+    python benchmarks/bench_distill_step.py --pair detr           # D-FINE-M teacher -> RT-DETR R18 student
 
 ``--pair yolo`` times an Ultralytics YOLO11s teacher and a YOLO26n student (random init, 1x1
 connectors from the student's 64/128/256 channels to the teacher's 128/256/512), PKD on strides
-8-32; "teacher_full_forward" is then the teacher's whole eval forward with NMS.
+8-32; "teacher_full_forward" is then the teacher's whole eval forward with NMS. ``--pair detr``
+times a D-FINE-M teacher and an RT-DETR R18 student from ``transformers`` (random init, both
+encoders 256 wide, so no connectors), PKD on the hybrid encoders' strides 8-32; the student's
+step is its own loss with denoising queries, "teacher_features" the teacher's backbone and
+hybrid encoder, "teacher_full_forward" its whole eval forward (decoder and top-k included).
 
 By default glibc's allocator is tuned as the ``pkd`` command tunes it (pkd.runtime.tune_malloc);
 with glibc's defaults the distillation step's larger peak memory costs extra page faults.
@@ -46,6 +51,7 @@ PAIRS = {
         "Faster R-CNN R50-FPN teacher, RetinaNet R18-FPN student",
     ),
     "yolo": ("yolo11s", "yolo26n", "YOLO11s teacher, YOLO26n student (Ultralytics)"),
+    "detr": ("dfine_m", "rtdetr_r18", "D-FINE-M teacher, RT-DETR R18 student (transformers)"),
 }
 
 

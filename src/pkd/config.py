@@ -85,10 +85,13 @@ class ModelConfig:
     name: str = _field(
         "",
         doc="torchvision-style name, e.g. fcos_resnet18_fpn, or fcos_timm_<timm model>_fpn for a timm "
-        "backbone, or an Ultralytics YOLO model: yolov8n, yolo11s, yolo26m, ... (pkd[yolo]); for a teacher, may "
+        "backbone, or an Ultralytics YOLO model: yolov8n, yolo11s, yolo26m, ... (pkd[yolo]), or a DETR from "
+        "Hugging Face: rtdetr_r18, rtdetr_v2_r18, dfine_s, deimv2_s, ... (pkd[detr]); for a teacher, may "
         "be left empty when weights is a pkd checkpoint (its own name is used)",
     )
-    backbone: str | None = _field(None, doc="override the backbone in the name (a ResNet or timm_<model>)")
+    backbone: str | None = _field(
+        None, doc="override the backbone in the name (a ResNet or timm_<model>; for DETRs a timm model)"
+    )
     weights: str | None = _field(
         None,
         doc="torchvision weights name, or a local .pt/.pth file: a pkd checkpoint, a state_dict, an Ultralytics "
@@ -107,7 +110,8 @@ class ModelConfig:
     options: dict[str, Any] = _field(
         {},
         doc="extra keyword arguments of the torchvision detector class; for YOLO models width, depth, end2end, "
-        "score_thresh, nms_thresh, detections_per_img",
+        "score_thresh, nms_thresh, detections_per_img; for DETRs hf_config (fields of its Hugging Face config), "
+        "score_thresh, detections_per_img",
     )
 
 

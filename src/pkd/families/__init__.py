@@ -7,7 +7,7 @@ detector is its declaration (:func:`describe`). Adding a family is one module an
     from pkd.families import FAMILIES
     FAMILIES["mine"] = MyFamily()
 
-A family's own libraries (Ultralytics, transformers) are imported by its module only when one
+A family's own libraries (Ultralytics, Hugging Face's) are imported by its module only when one
 of its detectors is built. The torchvision family's module names, checks and declares its
 detectors; ``torchvision_parts.py`` beside it assembles them from torchvision's parts.
 """
@@ -17,13 +17,14 @@ from __future__ import annotations
 from torch import nn
 
 from pkd.detector import DetectorSpec, Family
+from pkd.families.detr import DetrFamily
 from pkd.families.torchvision import TorchvisionFamily
 from pkd.families.yolo import YoloFamily
 
 __all__ = ["FAMILIES", "describe", "family_for", "family_of", "unwrap"]
 
 #: Every family pkd builds detectors of, by key; torchvision's is asked last (its names are a pattern).
-FAMILIES: dict[str, Family] = {"yolo": YoloFamily(), "torchvision": TorchvisionFamily()}
+FAMILIES: dict[str, Family] = {"yolo": YoloFamily(), "detr": DetrFamily(), "torchvision": TorchvisionFamily()}
 
 
 def family_for(name: str) -> Family:
