@@ -56,14 +56,6 @@ def test_student_run_dirs_are_named_by_what_they_train_and_the_seed(tmp_path):
     assert student_run_dir(tmp_path, "default", "pkd_w2", 2) == tmp_path / "runs" / "default" / "pkd_w2-seed2"
 
 
-def test_default_preset_is_pretrained_and_scratch_is_not():
-    default, scratch = PRESETS["default"], PRESETS["scratch"]
-    assert default.teacher["weights_backbone"] == "efficientnet_lite2.imagenet"
-    assert default.student["weights_backbone"] == "efficientnet_lite0.imagenet"
-    assert "weights_backbone" not in scratch.teacher and "weights_backbone" not in scratch.student
-    assert set(default.distill) == {"pkd", "mse", "cwd"}
-
-
 def test_second_call_reuses_finished_runs(quick_demo):
     workdir, first, _ = quick_demo
     messages = []
