@@ -150,6 +150,7 @@ def test_a_damaged_last_pt_names_the_ways_forward_and_best_resumes(teacher_run, 
     assert [r["step"] for r in read_metrics(copy) if r["type"] == "train"] == [2, 4, 6]
 
 
+@pytest.mark.slow  # the kill of a writer mid-save is tested at the checkpoint level in the default suite
 def test_sigkill_while_checkpointing_resumes_from_the_last_good_one(tiny_digits, tmp_path):
     config = tiny_config(tiny_digits, tmp_path / "run", steps=40, eval_every=40, checkpoint_every=1)
     path = tmp_path / "config.yaml"

@@ -97,18 +97,22 @@ def _run(run_dir: Path, config, label: str, progress: bool | None, log: Callable
 
 
 def _inference_ms(model, dataset, device, count: int = 20) -> float:
-    """Median wall time of one image through the detector in eval mode (batch 1)."""
+    """Median time of one image through the detector in eval mode (batch 1), in ms.
+
+    ``torch.utils.benchmark.Timer`` runs each of ``count`` test images (after two warm-up
+    calls, which pay for lazy initialisation) and keeps the median over the images.
+    """
     import torch
+    from torch.utils.benchmark import Timer
 
     model.eval().to(device)
-    times = []
+    images = [dataset[index % len(dataset)][0].to(device) for index in range(min(count, len(dataset)))]
     with torch.no_grad():
-        for index in range(min(count, len(dataset)) + 2):
-            image, _ = dataset[index % len(dataset)]
-            start = time.perf_counter()
-            model([image.to(device)])
-            if index >= 2:  # the first calls pay for lazy initialisation
-                times.append((time.perf_counter() - start) * 1e3)
+        for image in images[:2]:
+            model([image])
+        times = [
+            Timer("model([image])", globals={"model": model, "image": image}).timeit(1).median * 1e3 for image in images
+        ]
     return statistics.median(times)
 
 
