@@ -449,6 +449,7 @@ def plot_trials(rows: list[dict[str, Any]], space: dict[str, Param], out: Path) 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     figure, axes = plt.subplots(1, 1 + len(space), figsize=(4.2 * (1 + len(space)), 3.6), squeeze=False)
     axes = axes[0]
@@ -476,6 +477,7 @@ def plot_trials(rows: list[dict[str, Any]], space: dict[str, Param], out: Path) 
         ax.set(xlabel=key, title=param.describe())
         if param.kind == "log":
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled minor ticks overlap
             ax.set_xlim(param.low / 1.15, param.high * 1.15)  # the whole range searched, not just what was tried
         elif param.kind != "choice":
             margin = (param.high - param.low) * 0.05
