@@ -8,7 +8,7 @@ STAMP := $(VENV)/.pkd-installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,pretrained,yolo,detr,onnx]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev,pretrained,yolo,detr,onnx,tune]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -17,11 +17,13 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(BIN)/pkd demo --quick
 
+# Two workers, one thread each (tests/conftest.py), a test file per worker: on 2 cores two
+# one-thread processes get through the suite sooner than one with two threads.
 test: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not gpu"
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow and not gpu"
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

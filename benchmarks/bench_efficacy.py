@@ -1,12 +1,16 @@
-"""Does distillation help, and which loss? The demo's comparison over seeds, with weight sweeps.
+"""Does distillation help, and which loss? The demo's comparison over seeds, each method tuned by ``pkd tune``.
 
 Trains the demo preset's student alone and with each of the preset's feature losses (PKD, MSE,
 CWD) from the same teacher, and prints:
 
-- with ``--sweep F1 F2 ...``: for each loss, one run per weight ``preset weight x F`` on
-  ``--sweep-seed``, and the weight chosen for each loss by the same rule: the highest
-  validation mAP reached during the run (the best checkpoint's). The test split is not looked
-  at. Without ``--sweep``, the preset's weights are used;
+- with ``--tune N``: for each method (the student alone too), a ``pkd tune`` study of N trials
+  on ``--tune-seed`` (:func:`pkd.tune.tune`: Optuna's TPE by default, pruning on the
+  validation curve), and the values it chose, by the same rule for every method: the highest
+  validation mAP reached during a trial. The test split is not looked at. The default space is
+  ``pkd tune``'s: the learning rate and the loss weight, each from the preset's value / 4 to
+  x 4 (the student alone: the learning rate); ``--space KEY=SPEC`` searches other ranges or
+  keys (``distill.*`` keys are left out for the student alone). Without ``--tune``, the
+  preset's values are used;
 - test-split mAP mean +- std over ``--seeds`` (best validation checkpoint of each run), and
   the per-seed gains over the student alone and over MSE, mean +- std;
 - mean validation mAP at 25 / 50 / 75 / 100 % of the schedule, and the first step at which
@@ -14,27 +18,31 @@ CWD) from the same teacher, and prints:
   the paper claims faster convergence);
 - the wall time.
 
-Runs are named by what they train (``alone``, ``pkd_w2``, ``mse_w0.01`` ... with ``-seed1``
-for seed 1), in the same folders as the demo's, ``<workdir>/runs/<preset>/``: finished runs
-are reused and interrupted ones resumed, so ``pkd demo`` counts as seed 0 and a sweep can be
-extended without redoing what is done.
+Runs are named by what they train (``alone``, ``pkd_w2``, ``mse_w0.01``, ``pkd_w23.4_lr0.0003``
+... with ``-seed1`` for seed 1), in the same folders as the demo's, ``<workdir>/runs/<preset>/``,
+and each method's study in ``tune_<method>[-<space>]/tune/``: finished runs and trials are
+reused and interrupted ones resumed, so ``pkd demo`` counts as seed 0 and a study can be
+extended (a larger ``--tune``) without redoing what is done.
 
     python benchmarks/bench_efficacy.py --calibrate          # each loss at init, and the weights equal to PKD's
-    python benchmarks/bench_efficacy.py --sweep 0.5 1 2      # sweep on seed 0, then seeds 0 1 2
+    python benchmarks/bench_efficacy.py --tune 12 --jobs 2   # tune each method on seed 0, then seeds 0 1 2
+    python benchmarks/bench_efficacy.py --tune 5 --sampler grid --grid-points 5 --space distill.weight=around
+                                                             # the earlier weight sweep: preset x 1/4 ... 4
     python benchmarks/bench_efficacy.py --preset scratch     # the random-init regime
     python benchmarks/bench_efficacy.py --pairing index      # the reference's level pairing
     python benchmarks/bench_efficacy.py --jobs 2             # two runs at a time, one thread each
 
-With ``--jobs N`` the runs that do not depend on each other (the sweep and the runs of the
-student alone first, then the chosen weights on the other seeds) train N at a time, each in
-its own process with one thread: on 2 cores two one-thread runs finish 1.4x sooner than the
-same runs one after the other with two threads. A run's numbers depend (in the last digits)
-on its thread count, which changes the order of floating-point sums.
+With ``--jobs N`` the runs that do not depend on each other (the trials of a study, the runs
+of the student alone, the chosen values on every seed) train N at a time, each in its own
+process with one thread: on 2 cores two one-thread runs finish 1.4x sooner than the same runs
+one after the other with two threads. A run's numbers depend (in the last digits) on its
+thread count, which changes the order of floating-point sums.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import platform
@@ -45,16 +53,19 @@ from pathlib import Path
 
 import torch
 
+from pkd.config import config_to_dict
 from pkd.demo import (
     demo_dataset,
     demo_teacher,
     first_step_reaching,
     get_preset,
     run_name,
+    student_config,
     student_run_dir,
     train_student,
 )
 from pkd.metrics_log import validation_curve
+from pkd.tune import SAMPLERS, tune
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 
@@ -77,17 +88,25 @@ def _one_thread() -> None:
 
 
 def _train(
-    settings, digits, run_dir: Path, distill: dict | None, seed: int, teacher: Path, progress: bool | None
+    settings, digits, run_dir: Path, distill: dict | None, params: dict, seed: int, teacher: Path, progress
 ) -> None:
     """One student run (pickled to a worker process with ``--jobs``)."""
-    label = f"{run_name(distill)}, seed {seed}"
+    label = f"{run_dir.name}, seed {seed}"
     train_student(
-        settings, digits, run_dir, seed=seed, distill=distill, teacher=teacher, label=label, progress=progress
+        settings,
+        digits,
+        run_dir,
+        seed=seed,
+        distill=distill,
+        teacher=teacher,
+        params=params,
+        label=label,
+        progress=progress,
     )
 
 
-def train_all(tasks: list[tuple[Path, dict | None, int]], settings, digits, teacher: Path, jobs: int) -> None:
-    """Trains ``(run_dir, distill, seed)`` runs, ``jobs`` at a time (finished runs are reused)."""
+def train_all(tasks: list[tuple[Path, dict | None, dict, int]], settings, digits, teacher: Path, jobs: int) -> None:
+    """Trains ``(run_dir, distill, params, seed)`` runs, ``jobs`` at a time (finished runs are reused)."""
     if jobs <= 1:
         for task in tasks:
             _train(settings, digits, *task, teacher, progress=None)
@@ -98,6 +117,23 @@ def train_all(tasks: list[tuple[Path, dict | None, int]], settings, digits, teac
         futures = [pool.submit(_train, settings, digits, *task, teacher, False) for task in tasks]
         for future in futures:
             future.result()  # re-raises a failed run's error here
+
+
+def tuned_name(distill: dict | None, params: dict) -> str:
+    """A run's name: :func:`run_name` of its distill section, then the other tuned values (``_lr0.0003``)."""
+    extra = "".join(
+        f"_{key.rsplit('.', 1)[-1]}{value:g}" if isinstance(value, float) else f"_{key.rsplit('.', 1)[-1]}{value}"
+        for key, value in params.items()
+    )
+    return run_name(distill) + extra
+
+
+def split_params(distill: dict | None, params: dict) -> tuple[dict | None, dict]:
+    """Tuned ``distill.*`` values go into the distill section (so the run name says them), the rest stay."""
+    if distill is None:
+        return None, dict(params)
+    inside = {key.split(".", 1)[1]: value for key, value in params.items() if key.startswith("distill.")}
+    return {**distill, **inside}, {key: value for key, value in params.items() if not key.startswith("distill.")}
 
 
 def calibrate(settings, digits, teacher: Path, batches: int = 5, batch_size: int = 8) -> None:
@@ -136,6 +172,20 @@ def calibrate(settings, digits, teacher: Path, batches: int = 5, batch_size: int
         print(f"- {name}: {value:.4g}; weight equal to PKD x {pkd_weight:g}: {equal:.3g}")
 
 
+def config_value(config, key: str):
+    """The value of a dotted key in a config (None where a section is missing)."""
+    node = config_to_dict(config)
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def format_values(distill: dict | None, params: dict) -> str:
+    """``w=64, lr=0.00025``: the weight and the other tuned values of a run."""
+    values = ({"w": distill["weight"]} if distill else {}) | {k.rsplit(".", 1)[-1]: v for k, v in params.items()}
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -143,8 +193,13 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, default=Path("demo"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--sweep", type=float, nargs="+", help="factors of each loss's preset weight to try")
-    parser.add_argument("--sweep-seed", type=int, default=0, help="seed of the sweep runs")
+    parser.add_argument("--tune", type=int, metavar="N", help="tune each method with pkd tune: N trials")
+    parser.add_argument("--tune-seed", type=int, default=0, help="seed of the tuning trials (default 0)")
+    parser.add_argument(
+        "--space", action="append", default=[], metavar="KEY=SPEC", help="pkd tune's --space (default: lr and weight)"
+    )
+    parser.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="pkd tune's --sampler")
+    parser.add_argument("--grid-points", type=int, default=3, help="pkd tune's --grid-points")
     parser.add_argument("--losses", nargs="+", help="which of the preset's losses (default: all)")
     parser.add_argument("--pairing", default="stride", choices=("stride", "index"))
     parser.add_argument("--teacher", type=Path, help="teacher checkpoint (default: the preset's teacher)")
@@ -162,44 +217,66 @@ def main() -> None:
         calibrate(settings, digits, teacher)
         return
     losses = args.losses or list(settings.distill)
+    methods = ["alone", *losses]
+    bases: dict[str, dict | None] = {"alone": None}
+    bases.update({loss: {**settings.distill[loss], "pairing": args.pairing} for loss in losses})
     suffix = "" if args.pairing == "stride" else "_index"
     suffix += "" if args.teacher is None else f"_teacher-{args.teacher.parent.name}"
+    suffixes = {method: "" if method == "alone" else suffix for method in methods}
 
-    def run_dir_of(distill: dict | None, seed: int) -> Path:
-        return student_run_dir(args.workdir, args.preset, run_name(distill) + (suffix if distill else ""), seed)
+    def run_dir_of(method: str, params: dict, seed: int) -> Path:
+        name = tuned_name(*split_params(bases[method], params)) + suffixes[method]
+        return student_run_dir(args.workdir, args.preset, name, seed)
 
-    def run(distill: dict | None, seed: int) -> dict:
-        run_dir = run_dir_of(distill, seed)
+    def run(run_dir: Path) -> dict:
         results = json.loads((run_dir / "results.json").read_text())
         return {"test": results["test"], "curve": validation_curve(run_dir), "dir": run_dir}
 
-    def train(runs: list[tuple[dict | None, int]]) -> None:
-        tasks = [(run_dir_of(distill, seed), distill, seed) for distill, seed in runs]
-        train_all(tasks, settings, digits, teacher, args.jobs)
-
-    bases = {loss: {**settings.distill[loss], "pairing": args.pairing} for loss in losses}
-    candidates = {
-        loss: [{**base, "weight": round(base["weight"] * factor, 6)} for factor in args.sweep] if args.sweep else [base]
-        for loss, base in bases.items()
+    # Each method's own values, chosen by the same rule: pkd tune's best validation mAP on --tune-seed.
+    chosen: dict[str, dict] = {method: {} for method in methods}
+    tune_rows: list[str] = []
+    if args.tune:
+        custom = args.space or args.sampler != "tpe"
+        study_tag = hashlib.sha1(repr((args.space, args.sampler, args.grid_points)).encode()).hexdigest()[:6]
+        for method in methods:
+            items = [item for item in args.space if method != "alone" or not item.startswith("distill.")]
+            if args.space and not items:
+                continue  # only distill.* keys searched: nothing to tune for the student alone
+            name = f"tune_{method}{suffixes[method]}" + (f"-{study_tag}" if custom else "")
+            output = student_run_dir(args.workdir, args.preset, name, args.tune_seed)
+            config = student_config(
+                settings, digits, output, seed=args.tune_seed, distill=bases[method], teacher=teacher
+            )
+            print(f"tuning {method}: {args.tune} trials, {output / 'tune'}", flush=True)
+            study = tune(
+                config,
+                trials=args.tune,
+                jobs=args.jobs,
+                space=items or None,
+                sampler=args.sampler,
+                grid_points=args.grid_points,
+                seed=args.tune_seed,
+            )
+            if study.best is None:
+                raise SystemExit(f"no trial of {method} completed; see {study.csv}")
+            # Values equal to the preset's stay out of the run's name: the demo's runs are reused.
+            chosen[method] = {k: v for k, v in study.params().items() if v != config_value(config, k)}
+            states = [row["state"] for row in study.rows]
+            values = format_values(*split_params(bases[method], study.params()))
+            tune_rows.append(
+                f"| {method} | {states.count('COMPLETE')} / {states.count('PRUNED')} | {study.best['val_mAP']:.3f} "
+                f"| {values} | `{study.folder}` |"
+            )
+    tasks = [
+        (run_dir_of(method, chosen[method], seed), *split_params(bases[method], chosen[method]), seed)
+        for seed in args.seeds
+        for method in methods
+    ]
+    train_all(tasks, settings, digits, teacher, args.jobs)
+    results = {method: [run(run_dir_of(method, chosen[method], seed)) for seed in args.seeds] for method in methods}
+    labels = {
+        method: f"{method} {format_values(*split_params(bases[method], chosen[method]))}".strip() for method in methods
     }
-    # First what does not depend on the sweep's outcome: the sweep, and the student alone on every seed.
-    train([(None, seed) for seed in args.seeds] + [(c, args.sweep_seed) for cs in candidates.values() for c in cs])
-
-    chosen: dict[str, dict] = {}
-    sweep_rows: list[str] = []
-    for loss in losses:
-        if not args.sweep:
-            chosen[loss] = bases[loss]
-            continue
-        scores = [max(v for _, v in run(c, args.sweep_seed)["curve"]) for c in candidates[loss]]
-        best = max(range(len(scores)), key=lambda i: scores[i])
-        chosen[loss] = candidates[loss][best]
-        cells = ", ".join(f"{c['weight']:g}: {v:.3f}" for c, v in zip(candidates[loss], scores, strict=True))
-        sweep_rows.append(f"| {loss} | {cells} | {chosen[loss]['weight']:g} |")
-    train([(chosen[loss], seed) for seed in args.seeds for loss in losses])
-
-    results: dict[str, list[dict]] = {"alone": [run(None, seed) for seed in args.seeds]}
-    results.update({loss: [run(chosen[loss], seed) for seed in args.seeds] for loss in losses})
 
     total = settings.student_train["steps"]
     print(f"\npreset {args.preset}: {settings.description}")
@@ -208,16 +285,19 @@ def main() -> None:
     threads = 1 if args.jobs > 1 else torch.get_num_threads()
     runs_at = f"{threads} thread(s) per run, {args.jobs} at a time"
     print(f"seeds {args.seeds}; torch {torch.__version__}, {runs_at}, {machine}\n")
-    if sweep_rows:
-        print(f"Sweep on seed {args.sweep_seed} (weight: best validation mAP):\n")
-        print("| loss | weights tried | chosen |\n|---|---|---|")
-        print("\n".join(sweep_rows) + "\n")
+    if tune_rows:
+        space = (
+            " ".join(f"--space {item}" for item in args.space) or "the default space (lr, weight: preset / 4 ... x 4)"
+        )
+        print(f"pkd tune on seed {args.tune_seed}, {args.tune} trials per method, {args.sampler}, {space}:\n")
+        print("| method | trials completed / pruned | best val mAP | chosen | study |\n|---|---|---|---|---|")
+        print("\n".join(tune_rows) + "\n")
     alone = results["alone"]
     header = "| run | test mAP | test AP50 | " + " | ".join(f"val mAP @{int(f * 100)}%" for f in FRACTIONS)
     print(header + " | reaches alone's final val mAP at step |")
     print("|---|---|---|" + "---|" * len(FRACTIONS) + "---|")
     for name, runs in results.items():
-        label = name if name == "alone" else f"{name} w={chosen[name]['weight']:g}"
+        label = labels[name]
         test_map = mean_std([r["test"]["mAP"] for r in runs])
         test_ap50 = mean_std([r["test"]["AP50"] for r in runs])
         curve = [statistics.mean(at_fraction(r["curve"], f, total) for r in runs) for f in FRACTIONS]

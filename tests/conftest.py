@@ -14,6 +14,16 @@
 
 from __future__ import annotations
 
+import os
+
+# Under pytest-xdist (`make test`: two workers on two cores) each worker keeps to one thread, or
+# the two would each start a thread per core and slow each other far more than twice.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path

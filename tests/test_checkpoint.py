@@ -1,7 +1,6 @@
-"""Tests of pkd.checkpoint: atomic saves (also under SIGKILL), error messages, RNG, export."""
+"""Tests of pkd.checkpoint: atomic saves (also under SIGKILL), error messages, resuming, export."""
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -24,11 +23,11 @@ from pkd.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_exported,
-    rng_state,
+    resume_checkpoint,
     save_checkpoint,
     save_run_checkpoint,
-    set_rng_state,
 )
+from pkd.rng import rng_state
 
 META = {
     "detector": "fcos_resnet50_fpn",
@@ -64,10 +63,9 @@ def run_checkpoint(**overrides):
         "kind": "run",
         "model": {"weight": torch.randn(4, 3), "bias": torch.zeros(4)},
         "meta": META,
-        "epoch": 2,
-        "step": 40,
+        "epoch": 2,  # a marker the tests below read back; the counters live in "state"
+        "state": {"epoch": 2, "step": 40, "best_metric": 0.25},
         "metrics": {"bbox_mAP": 0.25},
-        "best_metric": 0.25,
         "config": {"train": {"lr": 0.01, "levels": [0, 1, 2]}},
     }
     checkpoint.update(overrides)
@@ -86,14 +84,14 @@ def test_save_load_round_trip(tmp_path):
         optimizer=optimizer.state_dict(),
         scheduler=scheduler.state_dict(),
         scaler=scaler.state_dict(),
-        extra={"connectors": {"0.weight": torch.ones(2, 2, 1, 1)}},
+        connectors={"0.weight": torch.ones(2, 2, 1, 1)},
     )
     path = save_checkpoint(tmp_path / "sub" / "run.pt", checkpoint)
     loaded = load_checkpoint(path, detector="fcos_resnet50_fpn", num_classes=3)
 
     assert loaded["format"] == "pkd" and loaded["version"] == 1 and loaded["kind"] == "run"
     assert loaded["meta"] == META  # int keys of label_map/class_names survive weights_only
-    assert loaded["epoch"] == 2 and loaded["step"] == 40 and loaded["best_metric"] == 0.25
+    assert loaded["state"] == {"epoch": 2, "step": 40, "best_metric": 0.25}
     torch.testing.assert_close(loaded["model"], model.state_dict())
     optimizer.load_state_dict(loaded["optimizer"])
     scheduler.load_state_dict(loaded["scheduler"])
@@ -111,7 +109,7 @@ def test_save_rejects_values_weights_only_cannot_load(tmp_path):
     with pytest.raises(CheckpointError, match=r"lacks \['class_names'\]"):
         save_checkpoint(tmp_path / "a.pt", run_checkpoint(meta={k: v for k, v in META.items() if k != "class_names"}))
     with pytest.raises(CheckpointError, match="'epoch'\\] must be an int"):
-        save_checkpoint(tmp_path / "a.pt", run_checkpoint(epoch=2.0))
+        save_checkpoint(tmp_path / "a.pt", run_checkpoint(state={"epoch": 2.0}))
     assert not list(tmp_path.iterdir())
 
 
@@ -121,7 +119,7 @@ def test_crash_during_write_keeps_the_old_file(tmp_path, monkeypatch):
     before = path.read_bytes()
 
     def crashing_save(obj, file):
-        file.write(b"PK\x03\x04 half a zip archive")
+        file.write_bytes(b"PK\x03\x04 half a zip archive")
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint_module.torch, "save", crashing_save)
@@ -149,28 +147,12 @@ def test_crash_before_rename_keeps_the_old_file(tmp_path, monkeypatch):
     assert [entry.name for entry in tmp_path.iterdir()] == ["last.pt"]
 
 
-def dead_pid():
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
-def test_leftover_temp_files_are_ignored_and_cleaned(tmp_path):
+def test_leftover_temp_files_do_not_disturb_loading(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint(path, run_checkpoint(epoch=1))
-    stale = tmp_path / f".last.pt.{dead_pid()}.0badc0de.tmp"
-    stale.write_bytes(b"PK\x03\x04 truncated by a kill -9")
-    in_progress = tmp_path / f".last.pt.{os.getppid()}.12345678.tmp"  # a live writer's file
-    in_progress.write_bytes(b"being written")
-    other_target = tmp_path / f".best.pt.{dead_pid()}.0badc0de.tmp"
-    other_target.write_bytes(b"")
-
+    (tmp_path / f".last.pt.{os.getppid()}.12345678.tmp").write_bytes(b"PK\x03\x04 being written")
     assert load_checkpoint(path)["epoch"] == 1
     assert latest_checkpoint(tmp_path) == path
-    save_checkpoint(path, run_checkpoint(epoch=2))
-    assert not stale.exists()
-    assert in_progress.exists() and other_target.exists()
-    assert load_checkpoint(path)["epoch"] == 2
 
 
 KILL_SNIPPET = textwrap.dedent(
@@ -316,31 +298,6 @@ def test_best_without_hard_links(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 2
 
 
-def draw_numbers():
-    return random.random(), np.random.rand(3).tolist(), np.random.randn(), torch.rand(3).tolist()
-
-
-def test_rng_round_trip_through_save_and_load(tmp_path):
-    random.seed(1)
-    np.random.seed(2)
-    torch.manual_seed(3)
-    draw_numbers()
-    np.random.randn()  # leaves a cached Gaussian in NumPy's state, which must be kept too
-    checkpoint = run_checkpoint()  # before rng_state(): building it draws random weights
-    checkpoint["rng"] = rng_state()
-    path = save_checkpoint(tmp_path / "run.pt", checkpoint)
-    expected = draw_numbers()
-
-    draw_numbers()
-    set_rng_state(load_checkpoint(path)["rng"])  # weights_only load: plain types only
-    assert draw_numbers() == expected
-
-
-def test_rng_state_errors():
-    with pytest.raises(CheckpointError, match=r"RNG state lacks \['numpy'"):
-        set_rng_state({"python": [], "torch": torch.get_rng_state(), "cuda": []})
-
-
 def test_export_loads_into_plain_torchvision_without_pkd(tmp_path):
     torch.manual_seed(0)
     student = tiny_fcos().eval()
@@ -348,7 +305,7 @@ def test_export_loads_into_plain_torchvision_without_pkd(tmp_path):
         model=student.state_dict(),
         optimizer=torch.optim.SGD(student.parameters(), lr=0.1).state_dict(),
         rng=rng_state(),
-        extra={"connectors": {"0.weight": torch.ones(16, 16, 1, 1)}},
+        connectors={"0.weight": torch.ones(16, 16, 1, 1)},
     )
     run_path = save_checkpoint(tmp_path / "last.pt", checkpoint)
     out_path = export_student(load_checkpoint(run_path), tmp_path / "student.pt")
@@ -383,10 +340,12 @@ def test_export_rejects_wrapper_state_dicts(tmp_path):
 
 def test_checkpoint_summary():
     assert (
-        checkpoint_summary({"format": "pkd", "version": 1, **run_checkpoint(best_metric=0.3125)})
+        checkpoint_summary(
+            {"format": "pkd", "version": 1, **run_checkpoint(state={"epoch": 2, "step": 40, "best_metric": 0.3125})}
+        )
         == "run checkpoint: fcos_resnet50_fpn, 3 classes, epoch 2, step 40, best metric 0.3125"
     )
-    assert checkpoint_summary(run_checkpoint(best_metric=None, step=None)).endswith("epoch 2, no best metric yet")
+    assert checkpoint_summary(run_checkpoint(state={"epoch": 2})).endswith("epoch 2, no best metric yet")
     assert checkpoint_summary({"kind": "export", "meta": META}) == "exported student: fcos_resnet50_fpn, 3 classes"
 
 
@@ -407,3 +366,31 @@ def test_export_in_half_precision_loads_into_a_float32_model(tmp_path):
     assert torch.allclose(fresh[0].weight, model[0].weight, atol=1e-3)
     full = export_student(checkpoint, tmp_path / "full.pt")
     assert path.stat().st_size < full.stat().st_size
+
+
+def test_resume_checkpoint_picks_last_or_best_and_names_the_ways_forward(tmp_path):
+    run_dir = tmp_path / "run"
+    assert resume_checkpoint(run_dir) is None  # a new run
+    save_run_checkpoint(run_dir, run_checkpoint(state={"step": 10}), is_best=True)
+    save_run_checkpoint(run_dir, run_checkpoint(state={"step": 20}), is_best=False)
+    assert resume_checkpoint(run_dir)[1]["state"]["step"] == 20
+    path, best = resume_checkpoint(run_dir, "best")
+    assert path == run_dir / "best.pt" and best["state"]["step"] == 10
+    assert resume_checkpoint(run_dir, False) is None
+
+    data = (run_dir / "last.pt").read_bytes()
+    (run_dir / "last.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as error:
+        resume_checkpoint(run_dir)
+    assert "--resume-from best" in str(error.value) and "step 10" in str(error.value)
+    assert "--no-resume" in str(error.value)
+    assert resume_checkpoint(run_dir, "best")[1]["state"]["step"] == 10
+
+    (run_dir / "best.pt").unlink()
+    with pytest.raises(CheckpointError) as error:
+        resume_checkpoint(run_dir)
+    assert "--no-resume" in str(error.value) and "--resume-from" not in str(error.value)
+    with pytest.raises(CheckpointError, match="no best.pt"):
+        resume_checkpoint(run_dir, "best")
+    with pytest.raises(ValueError, match="resume must be"):
+        resume_checkpoint(run_dir, "first")

@@ -10,6 +10,7 @@ import torchvision
 import yaml
 
 from pkd.cli import build_parser, main
+from pkd.models import build_detector
 
 
 def write_config(path, digits, output, **sections):
@@ -79,6 +80,10 @@ def test_train_distill_eval_export(tiny_digits, tmp_path, capsys):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert set(metrics) >= {"mAP", "AP50", "AR100"}
     assert "on test (6 images)" in capsys.readouterr().out
+    # The same file as the config's model.weights: its label map and build come from its meta.
+    assert main(["eval", str(student_config), "--set", f"model.weights={tmp_path / 'student.pt'}", "--split", "test",
+                 "--json", str(tmp_path / "w.json")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "w.json").read_text()) == metrics
 
 
 def test_errors_are_one_line_with_exit_code_2(tiny_digits, tmp_path, capsys):
@@ -207,3 +212,46 @@ def test_timm_backbone_student_distils_exports_loads_plainly_and_inspects(tiny_d
     assert main(["inspect", str(config), "--batches", "1", "--out", str(out)]) == 0
     analysis = json.loads((out / "analysis.json").read_text())
     assert analysis["stages"] == ["s8", "s16", "s32", "s64"]
+
+
+def coco_config(path, coco_files, model):
+    """A config whose splits are the hand-made COCO dataset (categories bird, cat, dog, as COCO names them)."""
+    split = {"annotations": str(coco_files.annotations), "images": str(coco_files.images)}
+    values = {"model": model, "data": {"train": split, "val": split, "eval_size": 64, "max_size": 64, "workers": 0}}
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_eval_a_torchvision_weights_enum(coco_files, tmp_path, monkeypatch, capsys):
+    """COCO weights by enum name, matched to the split's categories by name. No detector weights exist
+    offline, so torchvision's download returns a random state_dict of the same network: the code path
+    (enum -> torchvision's builder -> label map by name -> COCO mAP) is what is tested, not the numbers."""
+    torch.manual_seed(0)
+    random_weights = torchvision.models.detection.fcos_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", lambda *args, **kwargs: random_weights)
+    model = {"name": "fcos_resnet50_fpn", "weights": "FCOS_ResNet50_FPN_Weights.COCO_V1"}
+    config = coco_config(tmp_path / "c.yaml", coco_files, model)
+    assert main(["eval", str(config), "--json", str(tmp_path / "m.json")]) == 0
+    assert "mAP" in capsys.readouterr().out
+    assert 0 <= json.loads((tmp_path / "m.json").read_text())["mAP"] <= 1
+
+    from pkd.build import load_weights_model
+    from pkd.config import ModelConfig
+
+    _, meta = load_weights_model(ModelConfig(**model), {11: "bird", 3: "cat", 7: "dog"}, eval_size=64, max_size=64)
+    assert meta["label_map"] == {11: 16, 3: 17, 7: 18} and meta["num_classes"] == 91  # COCO's own labels
+    with pytest.raises(ValueError, match="does not predict"):
+        load_weights_model(ModelConfig(**model), {1: "digit 7"}, eval_size=64, max_size=64)
+
+
+def test_eval_a_timm_backbone_state_dict(tiny_digits, tmp_path, capsys):
+    model = {"name": "fcos_timm_tf_efficientnet_lite0_fpn", "fpn_channels": 32}
+    detector = build_detector(model["name"], num_classes=11, fpn_channels=32, min_size=64, max_size=96)
+    torch.save(detector.state_dict(), tmp_path / "detector.pth")
+    config = write_config(tmp_path / "c.yaml", tiny_digits, tmp_path / "run", model={**model, "weights": "x"})
+    override = f"model.weights={tmp_path / 'detector.pth'}"
+    assert main(["eval", str(config), "--set", override, "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "detector.pth" in out and "mAP" in out
+    assert main(["eval", str(config), "--set", "model.weights=null"]) == 2
+    assert "model.weights" in capsys.readouterr().err

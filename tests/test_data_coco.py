@@ -42,11 +42,15 @@ def test_saved_label_map_is_used_and_round_trips_through_json(coco_files):
     assert target["labels"].tolist() == [2, 1]  # categories 3 and 11
 
 
-def test_label_map_must_cover_the_file_and_be_contiguous(coco_files):
+def test_label_map_must_cover_the_file_with_distinct_labels(coco_files):
     with pytest.raises(ValueError, match=r"categories \[11\] that label_map does not cover"):
         load(coco_files, label_map={3: 1, 7: 2})
-    with pytest.raises(ValueError, match="labels 1..K"):
-        load(coco_files, label_map={3: 1, 7: 2, 11: 4})
+    with pytest.raises(ValueError, match="distinct labels"):
+        load(coco_files, label_map={3: 1, 7: 2, 11: 2})
+    with pytest.raises(ValueError, match="distinct labels"):
+        load(coco_files, label_map={3: 0, 7: 2, 11: 4})
+    # A pretrained model's label space (COCO's 1..90 with gaps): its labels are the classes it predicts.
+    assert load(coco_files, label_map={3: 17, 7: 18, 11: 16}).num_classes == 19
 
 
 def test_sample_types_and_shapes(coco_files):

@@ -37,7 +37,7 @@ def test_quick_demo_writes_the_report_table_and_plot(quick_demo):
     assert "Wall time of this `pkd demo` call" in text and "students" in text
     assert "reaches alone's final val mAP" in text
     assert report.deploy["onnx"] == workdir / "student_pkd_quick.onnx" and report.deploy["onnx"].is_file()
-    assert "Deploy: the PKD student in ONNX, `" in text and "images/s" in text
+    assert "Deploy: the PKD student in ONNX, `" in text and "bench_onnx.py" in text
     assert "reaches_alone_at_step" in report.rows["pkd"] and "reaches_alone_at_step" not in report.rows["alone"]
     curve = validation_curve(runs / "alone")
     assert [step for step, _ in curve] == [4, 8] and all(0 <= value <= 1 for _, value in curve)
@@ -54,14 +54,6 @@ def test_student_run_dirs_are_named_by_what_they_train_and_the_seed(tmp_path):
     assert run_name(None) == "alone" and run_name({"loss": "mse", "weight": 0.005}) == "mse_w0.005"
     assert student_run_dir(tmp_path, "default", "pkd_w2", 0) == tmp_path / "runs" / "default" / "pkd_w2"
     assert student_run_dir(tmp_path, "default", "pkd_w2", 2) == tmp_path / "runs" / "default" / "pkd_w2-seed2"
-
-
-def test_default_preset_is_pretrained_and_scratch_is_not():
-    default, scratch = PRESETS["default"], PRESETS["scratch"]
-    assert default.teacher["weights_backbone"] == "efficientnet_lite2.imagenet"
-    assert default.student["weights_backbone"] == "efficientnet_lite0.imagenet"
-    assert "weights_backbone" not in scratch.teacher and "weights_backbone" not in scratch.student
-    assert set(default.distill) == {"pkd", "mse", "cwd"}
 
 
 def test_second_call_reuses_finished_runs(quick_demo):
@@ -100,3 +92,27 @@ def test_a_run_with_other_loader_workers_is_reused_and_a_changed_schedule_is_not
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         run_demo("huge")
+
+
+def test_student_config_takes_tuned_values_on_top_of_the_preset(tmp_path):
+    from types import SimpleNamespace
+
+    from pkd.demo import student_config
+
+    splits = ("train", "val", "test")
+    digits = SimpleNamespace(
+        annotations={s: tmp_path / f"{s}.json" for s in splits}, images={s: tmp_path / s for s in splits}
+    )
+    distill = {"loss": "pkd", "weight": 64.0}
+    plain = student_config(PRESETS["default"], digits, tmp_path / "run", seed=1, distill=distill, teacher="t.pt")
+    assert plain.train.lr == PRESETS["default"].student_train["lr"] and plain.distill.weight == 64.0
+    tuned = student_config(
+        PRESETS["default"],
+        digits,
+        tmp_path / "run",
+        seed=1,
+        distill=distill,
+        teacher="t.pt",
+        params={"train.lr": 5e-4, "distill.weight": 32.0},
+    )
+    assert (tuned.train.lr, tuned.distill.weight, tuned.train.seed, tuned.teacher.weights) == (5e-4, 32.0, 1, "t.pt")

@@ -22,8 +22,10 @@ BUILDS = [
 if importlib.util.find_spec("ultralytics") is not None:
     BUILDS += [("yolo11n", {"width": 0.125}, 10.0), ("yolo26n", {"width": 0.125}, 10.0)]
 if importlib.util.find_spec("transformers") is not None:
-    _TINY_HF = {"encoder_hidden_dim": 32, "d_model": 32, "decoder_layers": 2}
-    _DETR = {"backbone": "test_efficientnet", "hf_config": _TINY_HF}
+    _DETR = {
+        "backbone": "test_efficientnet",
+        "hf_config": {"encoder_hidden_dim": 32, "d_model": 32, "decoder_layers": 2},
+    }
     BUILDS += [("rtdetr_r18", _DETR, 10.0), ("deimv2_s", _DETR, 10.0)]
 
 

@@ -236,7 +236,8 @@ def test_fcos_to_rtdetr_through_a_config(detr_run):
 def test_export_pt_and_onnx_verified_and_inspect(detr_run, tmp_path):
     detr_run, _ = detr_run
     pytest.importorskip("onnxruntime")
-    from pkd.deploy import read_metadata, verify_onnx
+    from pkd.export import read_metadata
+    from pkd.verify import verify_onnx
 
     assert main(["export", str(detr_run), "--out", str(tmp_path / "student.pt")]) == 0
     student, meta = load_detector(tmp_path / "student.pt")

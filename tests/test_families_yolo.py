@@ -1,25 +1,31 @@
 """Tests of pkd.families.yolo: Ultralytics YOLO models as pkd students and teachers (offline, CPU)."""
 
+import copy
 import json
 import os
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("ultralytics")
 
+from test_cli import coco_config  # noqa: E402
 from test_engine import read_metrics, tiny_config  # noqa: E402
+from test_weights import Payload  # noqa: E402
 
 from pkd.build import load_detector  # noqa: E402
 from pkd.checkpoint import load_checkpoint  # noqa: E402
 from pkd.cli import main  # noqa: E402
+from pkd.config import save_config  # noqa: E402
 from pkd.distiller import Distiller  # noqa: E402
 from pkd.engine import fit  # noqa: E402
-from pkd.families.yolo import build_yolo  # noqa: E402
+from pkd.families.yolo import build_yolo, ultralytics_classes  # noqa: E402
 from pkd.models import build_detector, detector_names  # noqa: E402
+from pkd.weights import UnsafePickleError  # noqa: E402
 
 TINY = {"min_size": 64, "max_size": 64, "width": 0.125}
 
@@ -173,7 +179,7 @@ def test_pkd_distill_config_yolo11_to_yolo26_then_export(yolo_teacher, tiny_digi
         theirs = loaded(batch)[0]
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert loaded.names[0] == meta["class_names"][1]
-    # An Ultralytics file is a pkd weights source too (read with pickle, for YOLO models only).
+    # An Ultralytics file is a pkd weights source too (read with an allowlist, for YOLO models only).
     first = "model.model.0.conv.weight"
     again = build_yolo("yolo26n", num_classes=11, weights=native, **TINY)
     assert torch.equal(again.state_dict()[first], student.state_dict()[first])
@@ -217,3 +223,98 @@ def test_nothing_reaches_the_network(tmp_path):
     assert config == str(tmp_path / "home" / ".cache" / "pkd" / "ultralytics")
     assert (tmp_path / "home" / ".cache" / "pkd" / "ultralytics").is_dir()
     assert not (tmp_path / "home" / ".config").exists()
+
+
+def trainer_files(detector, folder, names):
+    """An Ultralytics checkpoint as its trainer writes one mid-training (the layout of
+    ``BaseTrainer.save_model``: EMA model in float16, optimizer, argument namespace, NumPy
+    metrics), and the final file Ultralytics' own ``strip_optimizer`` makes of it."""
+    import ultralytics
+    from ultralytics.utils import DEFAULT_CFG_DICT, IterableSimpleNamespace
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    model = copy.deepcopy(detector.model)
+    model.names = names
+    model.args = IterableSimpleNamespace(**DEFAULT_CFG_DICT)  # the trainer's self.args
+    live = copy.deepcopy(model)  # the model being trained; the file's weights are the EMA's
+    optimizer = torch.optim.SGD(live.parameters(), lr=0.01, momentum=0.9)
+    sum(p.sum() for p in live.parameters()).backward()
+    optimizer.step()  # momentum buffers in the optimizer state
+    training = folder / "last.pt"
+    torch.save(
+        {
+            "epoch": 0,
+            "best_fitness": np.float64(0.25),
+            "model": None,
+            "ema": copy.deepcopy(model).half(),
+            "updates": 2,
+            "optimizer": optimizer.state_dict(),
+            "scaler": torch.amp.GradScaler("cpu").state_dict(),
+            "train_args": vars(model.args),
+            "train_metrics": {"metrics/mAP50(B)": np.float64(0.5), "fitness": np.float64(0.25)},
+            "date": "2026-01-01T00:00:00",
+            "version": ultralytics.__version__,
+            "license": "AGPL-3.0",
+        },
+        training,
+    )
+    final = folder / "best.pt"
+    strip_optimizer(training, str(final))
+    return training, final
+
+
+def test_ultralytics_trainer_files_load_without_pickle_and_evaluate(coco_files, tmp_path, capsys):
+    detector = build_yolo("yolo11n", num_classes=4, **TINY)
+    expected = {k: v.half().float() if v.is_floating_point() else v for k, v in detector.state_dict().items()}
+    names = {0: "dog", 1: "bird", 2: "cat"}
+    for path in trainer_files(detector, tmp_path, names):
+        loaded = build_yolo("yolo11n", num_classes=4, weights=path, **TINY).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+        assert ultralytics_classes(path) == {1: "dog", 2: "bird", 3: "cat"}
+    # pkd eval CONFIG with the .pt as model.weights: classes matched by name to the split's categories.
+    model = {"name": "yolo11n", "options": {"width": 0.125}, "weights": str(tmp_path / "best.pt")}
+    config = coco_config(tmp_path / "c.yaml", coco_files, model)
+    assert main(["eval", str(config), "--json", str(tmp_path / "m.json")]) == 0
+    assert "yolo11n" in capsys.readouterr().out and 0 <= json.loads((tmp_path / "m.json").read_text())["mAP"] <= 1
+
+
+def test_a_payload_given_as_yolo_weights_never_runs(tiny_digits, tmp_path, capsys):
+    marker = tmp_path / "marker"
+    payload = tmp_path / "yolo11n.pt"
+    torch.save({"model": Payload(marker), "train_args": {}}, payload)
+    with pytest.raises(UnsafePickleError, match="builtins.exec"):
+        build_yolo("yolo11n", num_classes=3, weights=payload, **TINY)
+    config = tiny_config(tiny_digits, tmp_path / "run", teacher=payload, steps=1)
+    config.teacher.name, config.teacher.options = "yolo11n", {"width": 0.125}
+    with pytest.raises(UnsafePickleError, match="builtins.exec"):
+        fit(config, progress=False)
+    config.model.name, config.model.options, config.model.weights = "yolo11n", {"width": 0.125}, str(payload)
+    save_config(config, tmp_path / "c.yaml")
+    assert main(["eval", str(tmp_path / "c.yaml")]) == 2
+    assert "builtins.exec" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_real_ultralytics_training_run_loads(tmp_path):
+    """Ultralytics' own trainer, one epoch offline on four images, then its last.pt and best.pt in pkd."""
+    from PIL import Image
+    from ultralytics import YOLO
+
+    for split in ("train", "val"):
+        (tmp_path / "images" / split).mkdir(parents=True)
+        (tmp_path / "labels" / split).mkdir(parents=True)
+        for index in range(4):
+            pixels = (torch.rand(64, 64, 3) * 255).byte().numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / split / f"{index}.png")
+            (tmp_path / "labels" / split / f"{index}.txt").write_text("0 0.5 0.5 0.3 0.3\n1 0.3 0.3 0.2 0.2\n")
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {tmp_path}\ntrain: images/train\nval: images/val\nnames:\n  0: cat\n  1: dog\n")
+    YOLO("yolo11n.yaml").train(
+        data=str(data), epochs=1, imgsz=64, batch=2, device="cpu", workers=0, plots=False, amp=False,
+        project=str(tmp_path / "runs"), name="run", verbose=False,
+    )  # fmt: skip
+    for name in ("last.pt", "best.pt"):
+        path = tmp_path / "runs" / "run" / "weights" / name
+        model = build_yolo("yolo11n", num_classes=3, weights=path, min_size=64, max_size=64)
+        assert type(model).__name__ == "YoloDetector" and ultralytics_classes(path) == {1: "cat", 2: "dog"}

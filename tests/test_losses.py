@@ -322,9 +322,9 @@ def test_losses_dict_names_the_losses():
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Forces the chunked passes (used for large levels) on test-sized tensors."""
-    import pkd.losses
+    import pkd.pkd_kernel
 
-    monkeypatch.setattr(pkd.losses, "_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(pkd.pkd_kernel, "_CHUNK_ELEMENTS", 64)
 
 
 @pytest.mark.parametrize("shapes", FPN_LIKE)
@@ -366,23 +366,6 @@ def test_cuda_matches_cpu(dtype):
     assert torch.allclose(cuda_value.cpu(), cpu_value, rtol=1e-4)
     tolerance = 1e-2 if dtype == torch.bfloat16 else 2e-3 if dtype == torch.float16 else 1e-5
     assert torch.allclose(cuda_grad.float().cpu(), cpu_grad, atol=tolerance * cpu_grad.abs().max())
-
-
-def test_combine_moments_equals_one_pass_over_all_values():
-    from pkd.losses import combine_moments
-
-    torch.manual_seed(0)
-    values = 1e4 + torch.randn(2, 3, 50, dtype=torch.float64)  # (K, C, M), mean far above the spread
-    sizes = [10, 25, 15]
-    groups = values.split(sizes, dim=-1)
-    means = torch.stack([g.mean(-1) for g in groups], 1)  # (K, G, C)
-    comoments = torch.stack(
-        [torch.einsum("acm,bcm->abc", g - g.mean(-1, keepdim=True), g - g.mean(-1, keepdim=True)) for g in groups], 2
-    )
-    mean, comoment = combine_moments(torch.tensor(sizes, dtype=torch.float64), means, comoments)
-    centred = values - values.mean(-1, keepdim=True)
-    assert torch.allclose(mean, values.mean(-1), rtol=0, atol=1e-9)
-    assert torch.allclose(comoment, torch.einsum("acm,bcm->abc", centred, centred), rtol=1e-9, atol=1e-9)
 
 
 def test_match_sizes_resizes_the_side_asked():

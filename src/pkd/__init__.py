@@ -33,7 +33,7 @@ _EXPORTS = {
     # runs: train, evaluate, inspect
     "load_config": "pkd.config",
     "fit": "pkd.engine",
-    "evaluate": "pkd.engine",
+    "evaluate": "pkd.evaluation",
     "inspect_pair": "pkd.analysis",
 }
 
@@ -59,7 +59,8 @@ if TYPE_CHECKING:
     from pkd.config import load_config
     from pkd.data import CocoDetection, make_digits_dataset
     from pkd.distiller import Distiller
-    from pkd.engine import evaluate, fit
+    from pkd.engine import fit
+    from pkd.evaluation import evaluate
     from pkd.features import FeatureTap
     from pkd.losses import LOSSES, PKDLoss, pkd_loss
     from pkd.models import build_detector

@@ -411,16 +411,13 @@ def inspect_pair(
     Returns:
         The :class:`Analysis` of the distilled pairs (stages named after the pairs, e.g. "s8").
     """
-    from pkd.build import build_distiller, build_model, load_detector, resolve_device
+    from pkd.build import build_dataset, build_distiller, build_model, load_detector, resolve_device
     from pkd.checkpoint import load_checkpoint
-    from pkd.data import CocoDetection, build_loader, eval_transforms
+    from pkd.data import build_loader
 
     if config.teacher is None and teacher_checkpoint is None:
         raise ValueError("inspect needs a teacher: a config with a teacher section or --teacher-checkpoint")
-    section = getattr(config.data, split)
-    if section is None:
-        raise ValueError(f"data.{split}: the config has no {split} split")
-    dataset = CocoDetection(section.annotations, section.images, transforms=eval_transforms())
+    dataset = build_dataset(config.data, split)
     sizes = dict(eval_size=config.data.eval_size, max_size=config.data.max_size)
     if student_checkpoint is not None:
         student, _ = load_detector(student_checkpoint)
@@ -433,7 +430,7 @@ def inspect_pair(
     distiller = build_distiller(student, teacher, config.distill)
     if distiller.connectors:
         stored = load_checkpoint(student_checkpoint) if student_checkpoint is not None else {}
-        trained = stored.get("extra", {}).get("connectors") if stored.get("kind") == "run" else None
+        trained = stored.get("connectors") if stored.get("kind") == "run" else None
         if not trained:
             raise ValueError(
                 "the pair needs connectors (channel counts differ) and no trained ones were given: pass the "

@@ -3,31 +3,37 @@
 The one place where a :class:`~pkd.config.Config`'s sections become built parts, shared by
 training (:func:`pkd.engine.fit`), ``pkd eval`` / ``pkd export`` and ``pkd inspect``
 (:func:`pkd.analysis.inspect_pair`); the library's classes take built parts and never read a
-config.
+config. Datasets too: :func:`build_dataset` is the one place a ``data`` section becomes
+:class:`~pkd.data.CocoDetection` splits.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from pkd.checkpoint import CheckpointError, PickledFileError, load_checkpoint, read_weights
-from pkd.config import DistillConfig, ModelConfig
+from pkd.checkpoint import CheckpointError, PickledFileError, load_checkpoint
+from pkd.config import DataConfig, DistillConfig, ModelConfig
+from pkd.data import CocoDetection, eval_transforms, train_transforms
 from pkd.distiller import Distiller
-from pkd.families import family_of
+from pkd.families import family_for, family_of
 from pkd.models import build_detector
+from pkd.weights import read_weights
 
 __all__ = [
+    "build_dataset",
     "build_distiller",
     "build_model",
     "build_optimizer",
     "build_scheduler",
     "load_detector",
+    "load_weights_model",
     "lr_factor",
     "resolve_device",
 ]
@@ -113,6 +119,57 @@ def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     return model.eval(), meta
 
 
+def load_weights_model(
+    config: ModelConfig, categories: Mapping[int, str], *, eval_size: int, max_size: int
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The detector a model section's ``weights`` hold, to evaluate on a split with ``categories``.
+
+    Where the weights say which classes they predict -- a pkd checkpoint's label map, a
+    torchvision weights enum's categories, an Ultralytics file's names -- the detector is built
+    with their classes and the split's categories are matched to them (by name for the last
+    two). A plain state_dict (timm, torchvision references) says nothing: the split's
+    categories are numbered ``1..K`` in order of their ids, as training numbers them.
+
+    Args:
+        config: The model section; ``weights`` must be set.
+        categories: The split's category id -> name.
+        eval_size: Shorter image side at evaluation.
+        max_size: Longer side limit.
+
+    Returns:
+        The detector in eval mode and its metadata: ``detector``, ``num_classes``, ``build``
+        and ``label_map`` (category id -> the label the detector predicts for it).
+
+    Raises:
+        ValueError: No weights, or categories of the split that the weights do not predict.
+    """
+    if not config.weights:
+        raise ValueError("nothing to evaluate: give --checkpoint or --onnx, or set model.weights in the config")
+    weights = str(config.weights)
+    sizes = dict(eval_size=eval_size, max_size=max_size)
+    meta = _weights_meta(weights, config.name) if Path(weights).suffix in (".pt", ".pth") else None
+    if meta is not None:
+        model, built = build_model(config, num_classes=meta["num_classes"], **sizes)
+        return model.eval(), {**built, "label_map": meta["label_map"]}
+    if not config.name:
+        raise ValueError("model.name missing: the weights are not a pkd checkpoint, which would name the detector")
+    classes = family_for(config.name).weights_classes(config.name, weights)
+    if classes is None:
+        label_map = {category: label for label, category in enumerate(sorted(categories), start=1)}
+    else:
+        label_of = {name: label for label, name in classes.items()}
+        unknown = sorted({name for name in categories.values() if name not in label_of})
+        if unknown:
+            raise ValueError(
+                f"the split has categories {unknown[:10]} that {weights} does not predict (its classes: "
+                f"{', '.join(list(label_of)[:10])}, ...); evaluate it on data of its own classes"
+            )
+        label_map = {category: label_of[name] for category, name in categories.items()}
+        config = replace(config, num_classes=max(classes) + 1)  # the classes the weights predict
+    model, built = build_model(config, num_classes=max(label_map.values(), default=0) + 1, **sizes)
+    return model.eval(), {**built, "label_map": label_map}
+
+
 def build_distiller(student: nn.Module, teacher: nn.Module, config: DistillConfig | None) -> Distiller:
     """The :class:`~pkd.distiller.Distiller` a ``distill`` config section describes (defaults if None)."""
     config = config or DistillConfig()
@@ -163,3 +220,34 @@ def lr_factor(step: int, config, total_steps: int) -> float:
 def build_scheduler(optimizer: torch.optim.Optimizer, config, total_steps: int):
     """A per-step ``LambdaLR`` following :func:`lr_factor`."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config, total_steps))
+
+
+def build_dataset(
+    data: DataConfig, split: str, *, label_map: dict[int, int] | None = None, augment: bool = False
+) -> CocoDetection:
+    """One split of a ``data`` section as a :class:`~pkd.data.CocoDetection`.
+
+    Args:
+        data: the config's data section.
+        split: ``"train"``, ``"val"`` or ``"test"``.
+        label_map: COCO category id -> label (e.g. a checkpoint's, or the classes pretrained
+            weights predict); default: the split's own categories, in order.
+        augment: the training transforms (random size and flip); else the evaluation ones.
+
+    Raises:
+        ValueError: the config has no such split.
+    """
+    section = getattr(data, split, None)
+    if section is None:
+        raise ValueError(f"data.{split}: the config has no {split} split")
+    if augment:
+        transforms = train_transforms(min_sizes=data.train_sizes, max_size=data.max_size, flip_prob=data.flip_prob)
+    else:
+        transforms = eval_transforms()
+    return CocoDetection(
+        section.annotations,
+        section.images,
+        transforms=transforms,
+        label_map=label_map,
+        drop_empty=augment and data.drop_empty,
+    )

@@ -16,8 +16,9 @@ lists, tuples, strings, numbers, ``None``) and loading one never runs code from 
         },
         # run checkpoints only, all optional:
         "optimizer": ..., "scheduler": ..., "scaler": ...,  # state dicts
-        "epoch": 3, "step": 1200, "rng": rng_state(), "config": {...},
-        "metrics": {"bbox_mAP": 0.31}, "best_metric": 0.31, "extra": {"connectors": ...},
+        "state": {"step": 1200, "epoch": 3, "best_metric": 0.31, ...},  # TrainState.state_dict()
+        "rng": pkd.rng.rng_state(), "config": {...}, "metrics": {"mAP": 0.31},
+        "connectors": {...},  # a distillation run's connector weights
     }
 
 A run checkpoint is what training resumes from; its ``"model"`` is already the bare student
@@ -27,9 +28,10 @@ only the student's weights and ``meta``, which anyone can load without pkd::
     state_dict = torch.load("student.pt", weights_only=True)["state_dict"]
     detector.load_state_dict(state_dict)
 
-Every file is written atomically (temporary file in the same folder, fsync, rename), so a
-crash or a ``kill -9`` at any moment leaves either the previous complete file or the new one.
-Only one process should write a given path: under DDP, save on the main process only.
+Every file is written atomically (:func:`pkd.io.atomic_path`), so a crash or a ``kill -9`` at
+any moment leaves either the previous complete file or the new one. Only one process should
+write a given path: under DDP, save on the main process only. Reading weights pkd did not
+write (state_dicts, torchvision's and Ultralytics' files) is :mod:`pkd.weights`.
 """
 
 from __future__ import annotations
@@ -37,31 +39,30 @@ from __future__ import annotations
 import collections
 import os
 import pickle
-import random
 import re
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+
+from pkd.io import atomic_link, atomic_path
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
     "PickledFileError",
+    "check_checkpoint",
     "checkpoint_summary",
     "export_student",
     "latest_checkpoint",
     "load_checkpoint",
     "load_exported",
-    "read_weights",
-    "rng_state",
+    "resume_checkpoint",
     "save_checkpoint",
     "save_run_checkpoint",
-    "set_rng_state",
+    "torch_load",
 ]
 
 CHECKPOINT_FORMAT = "pkd"
@@ -75,31 +76,10 @@ BEST_NAME = "best.pt"
 # numpy scalars and arrays, enums, defaultdicts, dataclasses -- saves fine but then refuses to
 # load, which would only show up when a run is resumed, so saving rejects it up front.
 _PLAIN_TYPES = (
-    dict,
-    collections.OrderedDict,
-    collections.Counter,
-    list,
-    tuple,
-    set,
-    str,
-    bytes,
-    bytearray,
-    int,
-    float,
-    bool,
-    complex,
-    type(None),
-    torch.Size,
-    torch.dtype,
-    torch.device,
-    torch.layout,
-    torch.Tensor,
-    torch.nn.Parameter,
+    *(dict, collections.OrderedDict, collections.Counter, list, tuple, set, str, bytes, bytearray),
+    *(int, float, bool, complex, type(None)),
+    *(torch.Size, torch.dtype, torch.device, torch.layout, torch.Tensor, torch.nn.Parameter),
 )
-
-# Temporary files are ".<target name>.<writer pid>.<random>.tmp" in the target's folder: the
-# same filesystem, so the final os.replace is an atomic rename.
-_TEMP_PATTERN = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]+\.tmp$")
 
 
 class CheckpointError(RuntimeError):
@@ -108,79 +88,6 @@ class CheckpointError(RuntimeError):
 
 class PickledFileError(CheckpointError):
     """The file holds pickled Python objects (a whole model, numpy arrays): not loadable with ``weights_only``."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Makes a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; its renames are journaled by NTFS
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems (e.g. certain network mounts) refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _writer_alive(pid: int) -> bool:
-    """Whether the process that owns a temporary file may still be writing it."""
-    if pid == os.getpid():
-        return True  # another thread of this process may be saving the same path right now
-    if os.name != "posix":
-        # No cheap liveness probe: os.kill(pid, 0) sends CTRL_C_EVENT on Windows.
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
-
-
-def _remove_stale_temps(path: Path) -> None:
-    """Deletes temporary files that a crashed save of ``path`` left behind."""
-    try:
-        entries = list(path.parent.iterdir())
-    except FileNotFoundError:
-        return
-    for entry in entries:
-        match = _TEMP_PATTERN.match(entry.name)
-        if match and match["target"] == path.name and not _writer_alive(int(match["pid"])):
-            try:
-                entry.unlink()
-            except FileNotFoundError:
-                pass
-
-
-def _new_temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save(obj, path)`` that never leaves a partly written file at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(path)
-    temp = _new_temp_path(path)
-    # os.open with mode 0o666 honours the umask, unlike tempfile.mkstemp's fixed 0o600, so the
-    # checkpoint gets the permissions a plain torch.save would give it.
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())  # the data must be on disk before the rename makes it visible
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +147,12 @@ def _check_meta(meta: Any, where: str) -> None:
             )
 
 
-def _check_checkpoint(checkpoint: Any, where: str) -> None:
-    """Validates the layout described in the module docstring; ``where`` names it in errors."""
+def check_checkpoint(checkpoint: Any, where: str) -> None:
+    """Validates the layout described in the module docstring; ``where`` names it in errors.
+
+    Raises:
+        CheckpointError: what does not fit, under ``where``.
+    """
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{where} has format {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
     version = checkpoint.get("version")
@@ -261,16 +172,19 @@ def _check_checkpoint(checkpoint: Any, where: str) -> None:
         raise CheckpointError(f"{where} is a {kind} checkpoint without {weights_key!r}")
     _check_state_dict(checkpoint[weights_key], f"{where}[{weights_key!r}]")
     _check_meta(checkpoint.get("meta"), where)
+    state = checkpoint.get("state", {})
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}['state'] must be a dict, got {type(state).__name__}")
     for key in ("epoch", "step"):
-        if key in checkpoint and type(checkpoint[key]) is not int:
-            raise CheckpointError(f"{where}[{key!r}] must be an int, got {checkpoint[key]!r}")
-    best = checkpoint.get("best_metric")
+        if key in state and type(state[key]) is not int:
+            raise CheckpointError(f"{where}['state'][{key!r}] must be an int, got {state[key]!r}")
+    best = state.get("best_metric")
     if best is not None and type(best) not in (int, float):
-        raise CheckpointError(f"{where}['best_metric'] must be a float or None, got {best!r}")
+        raise CheckpointError(f"{where}['state']['best_metric'] must be a float or None, got {best!r}")
     metrics = checkpoint.get("metrics", {})
     if not isinstance(metrics, dict) or not all(type(value) in (int, float) for value in metrics.values()):
         raise CheckpointError(f"{where}['metrics'] must be a dict of floats, got {metrics!r:.200}")
-    for key in ("optimizer", "scheduler", "scaler", "rng", "config", "extra"):
+    for key in ("optimizer", "scheduler", "scaler", "rng", "config", "connectors"):
         if key in checkpoint and checkpoint[key] is not None and not isinstance(checkpoint[key], dict):
             raise CheckpointError(f"{where}[{key!r}] must be a dict, got {type(checkpoint[key]).__name__}")
 
@@ -304,21 +218,24 @@ def save_checkpoint(path: str | os.PathLike, checkpoint: Mapping[str, Any]) -> P
     checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": "run", **checkpoint}
     where = f"checkpoint for {path}"
     _check_plain(checkpoint, where)
-    _check_checkpoint(checkpoint, where)
-    _atomic_save(checkpoint, path)
+    check_checkpoint(checkpoint, where)
+    with atomic_path(path) as temp:
+        torch.save(checkpoint, temp)
     return path
 
 
 def _not_pkd_message(path: Path, content: str) -> str:
     return (
         f"{path} is not a pkd checkpoint: it {content}. pkd checkpoints are written by `pkd train` "
-        "(run checkpoints) and `pkd export` (exported students); a plain torchvision state_dict "
-        "can be loaded with build_detector(..., weights=PATH)"
+        "(run checkpoints) and `pkd export` (exported students); other weights (a state_dict, an "
+        "Ultralytics .pt) are a model's weights: `pkd eval CONFIG --set model.weights=PATH`, or "
+        "build_detector(..., weights=PATH)"
     )
 
 
-def _torch_load(path: Path, map_location: str | torch.device | None = "cpu") -> Any:
+def torch_load(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with a :class:`CheckpointError` that says what the file is."""
+    path = Path(path)
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise CheckpointError(f"checkpoint {path} {what}")
@@ -371,7 +288,7 @@ def load_checkpoint(
             of an unsupported version, or of a different detector or number of classes.
     """
     path = Path(path)
-    checkpoint = _torch_load(path, map_location)
+    checkpoint = torch_load(path, map_location)
     if not isinstance(checkpoint, dict):
         raise CheckpointError(_not_pkd_message(path, f"holds a {type(checkpoint).__name__}"))
     if checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -380,7 +297,7 @@ def load_checkpoint(
         else:
             content = f"is a dict with keys {sorted(map(str, checkpoint))[:8]}"
         raise CheckpointError(_not_pkd_message(path, content))
-    _check_checkpoint(checkpoint, f"checkpoint {path}")
+    check_checkpoint(checkpoint, f"checkpoint {path}")
 
     meta = checkpoint["meta"]
     if (detector is not None and meta["detector"] != detector) or (
@@ -393,52 +310,6 @@ def load_checkpoint(
             f"{meta['num_classes']} classes, expected {expected}"
         )
     return checkpoint
-
-
-def read_weights(
-    path: str | os.PathLike, *, map_location: str | torch.device | None = "cpu"
-) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """The weights in a file given as ``weights`` anywhere in pkd, read with ``weights_only=True``.
-
-    This is the one place pkd reads a weights file it did not just write: a teacher's or a
-    student's ``weights``, ``pkd eval`` and ``pkd export`` all come here (through
-    :func:`load_checkpoint` for the last two).
-
-    Args:
-        path: a pkd run checkpoint or exported student, a plain ``state_dict``, or a dict
-            holding one under ``"model"`` or ``"state_dict"`` (torchvision's references save
-            that way).
-
-    Returns:
-        ``(state_dict, meta)``; ``meta`` is the pkd checkpoint's (detector name, classes,
-        build arguments) or ``None`` for a plain state_dict.
-
-    Raises:
-        PickledFileError: the file holds pickled objects (e.g. a whole model saved with
-            ``torch.save(model)``, or an Ultralytics ``.pt``).
-        CheckpointError: the file is missing, damaged, or holds no state_dict.
-    """
-    path = Path(path)
-    stored = _torch_load(path, map_location)
-    if isinstance(stored, dict) and stored.get("format") == CHECKPOINT_FORMAT:
-        _check_checkpoint(stored, f"checkpoint {path}")
-        return stored["model" if stored["kind"] == "run" else "state_dict"], stored["meta"]
-    state_dict = stored
-    for key in ("model", "state_dict"):
-        if isinstance(stored, dict) and isinstance(stored.get(key), dict):
-            state_dict = stored[key]
-            break
-    if isinstance(state_dict, dict) and state_dict and all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        return state_dict, None
-    content = (
-        f"is a dict with keys {sorted(map(str, stored))[:8]}"
-        if isinstance(stored, dict)
-        else f"holds a {type(stored).__name__}"
-    )
-    raise CheckpointError(
-        f"{path} holds no state_dict pkd can read: it {content}. Give a pkd checkpoint (`pkd train`, "
-        "`pkd export`) or a plain state_dict (a dict of tensors, torch.save(model.state_dict()))"
-    )
 
 
 def save_run_checkpoint(run_dir: str | os.PathLike, checkpoint: Mapping[str, Any], *, is_best: bool) -> Path:
@@ -459,21 +330,8 @@ def save_run_checkpoint(run_dir: str | os.PathLike, checkpoint: Mapping[str, Any
     """
     run_dir = Path(run_dir)
     last = save_checkpoint(run_dir / LAST_NAME, checkpoint)
-    if is_best:
-        best = run_dir / BEST_NAME
-        _remove_stale_temps(best)
-        temp = _new_temp_path(best)
-        try:
-            os.link(last, temp)
-        except OSError:  # filesystems without hard links (FAT, some network mounts)
-            save_checkpoint(best, checkpoint)
-        else:
-            try:
-                os.replace(temp, best)
-            except BaseException:
-                temp.unlink(missing_ok=True)
-                raise
-            _fsync_directory(run_dir)
+    if is_best and not atomic_link(last, run_dir / BEST_NAME):
+        save_checkpoint(run_dir / BEST_NAME, checkpoint)
     return last
 
 
@@ -483,67 +341,49 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return last if last.is_file() else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Random number generators
-
-
-def rng_state() -> dict[str, Any]:
-    """Captures the state of Python's, NumPy's global, torch's CPU and all CUDA generators.
-
-    The result holds only tensors, lists, ints, floats, strings and None, so it survives
-    ``torch.save`` and ``torch.load(weights_only=True)``. Generators created by the program
-    (``torch.Generator``, ``np.random.default_rng``) are not global and are not captured. Under
-    DDP each process has its own state; this captures the calling process's.
-
-    Returns:
-        A dict for :func:`set_rng_state`.
-    """
-    version, internal_state, gauss_next = random.getstate()
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
-    return {
-        "python": [version, list(internal_state), gauss_next],
-        "numpy": {
-            "name": str(name),
-            # uint32 words; int64 holds them exactly and is a dtype every torch version saves.
-            "keys": torch.from_numpy(keys.astype(np.int64)),
-            "position": int(position),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": float(cached_gaussian),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restores generator states captured by :func:`rng_state`.
-
-    CUDA states are restored for the devices present in both the saved state and this
-    machine (a run resumed on fewer GPUs restores the ones it has).
+def resume_checkpoint(
+    run_dir: str | os.PathLike, resume: bool | str = True, *, map_location: str | torch.device | None = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
+    """The run checkpoint a run in ``run_dir`` continues from, loaded, or None to start afresh.
 
     Args:
-        state: The dict returned by :func:`rng_state` (possibly after a save/load round trip).
+        run_dir: The run folder.
+        resume: ``True`` or ``"last"``: ``last.pt`` when the folder has one (None for a new run);
+            ``"best"``: ``best.pt``, the best validated step, which must exist; ``False``: None.
+        map_location: Where tensors are loaded (as in :func:`torch.load`).
+
+    Returns:
+        ``(path, checkpoint)``, or None.
+
+    Raises:
+        CheckpointError: If the checkpoint cannot be loaded. For a damaged ``last.pt`` the
+            message names the ways forward: resuming from ``best.pt`` (when it loads) or
+            starting afresh.
     """
-    missing = {"python", "numpy", "torch", "cuda"} - set(state)
-    if missing:
-        raise CheckpointError(f"RNG state lacks {sorted(missing)}; expected the dict returned by rng_state()")
-    version, internal_state, gauss_next = state["python"]
-    random.setstate((version, tuple(internal_state), gauss_next))
-    numpy_state = state["numpy"]
-    np.random.set_state(
-        (
-            numpy_state["name"],
-            numpy_state["keys"].cpu().numpy().astype(np.uint32),
-            numpy_state["position"],
-            numpy_state["has_gauss"],
-            numpy_state["cached_gaussian"],
-        )
-    )
-    # torch.set_rng_state wants a CPU ByteTensor; a map_location may have moved it.
-    torch.set_rng_state(state["torch"].cpu())
-    if torch.cuda.is_available():
-        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state.cpu(), device)
+    if resume not in (True, False, "last", "best"):
+        raise ValueError(f"resume must be True, False, 'last' or 'best', got {resume!r}")
+    if resume is False:
+        return None
+    run_dir = Path(run_dir)
+    path = run_dir / (BEST_NAME if resume == "best" else LAST_NAME)
+    if resume == "best" and not path.is_file():
+        raise CheckpointError(f"{run_dir} has no {BEST_NAME} to resume from; start afresh with --no-resume")
+    if not path.is_file():
+        return None
+    try:
+        return path, load_checkpoint(path, map_location=map_location)
+    except CheckpointError as error:
+        ways = ["start afresh with --no-resume (resume=False; the run folder's checkpoints are replaced)"]
+        if resume != "best":
+            try:
+                best = load_checkpoint(run_dir / BEST_NAME, map_location="cpu")
+            except CheckpointError:
+                pass  # missing, or the same damaged file (best.pt is a hard link to the last best last.pt)
+            else:
+                best_step = best.get("state", {}).get("step")
+                step = f" (step {best_step})" if best_step is not None else ""
+                ways.insert(0, f"resume from {BEST_NAME}{step} with --resume-from best (resume='best')")
+        raise CheckpointError(f"{error}. To go on, {', or '.join(ways)}") from error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,7 +393,7 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 def export_student(checkpoint: Mapping[str, Any], out_path: str | os.PathLike, *, half: bool = False) -> Path:
     """Writes the student alone (weights + meta) for inference, atomically.
 
-    Everything else in a run checkpoint (optimizer, scheduler, RNG, connectors in ``"extra"``)
+    Everything else in a run checkpoint (optimizer, scheduler, RNG, connectors)
     is dropped, and the weights are moved to the CPU so that the file loads anywhere. The file
     needs no pkd to use: for torchvision's own detectors (the ResNet-50 ones, FPN width 256)::
 
@@ -580,7 +420,7 @@ def export_student(checkpoint: Mapping[str, Any], out_path: str | os.PathLike, *
             like a distiller's state_dict (teacher/student prefixes) instead of the student's.
     """
     checkpoint = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "kind": "run", **checkpoint}
-    _check_checkpoint(checkpoint, "checkpoint to export")
+    check_checkpoint(checkpoint, "checkpoint to export")
     state_dict = checkpoint["model"] if checkpoint["kind"] == "run" else checkpoint["state_dict"]
     wrapped = sorted({key.split(".", 1)[0] for key in state_dict} & {"teacher", "student", "module"})
     if wrapped:
@@ -644,10 +484,11 @@ def checkpoint_summary(checkpoint: Mapping[str, Any]) -> str:
     kind = checkpoint.get("kind", "run")
     parts = [f"{meta.get('detector', '?')}, {meta.get('num_classes', '?')} classes"]
     if kind == "run":
+        state = checkpoint.get("state", {})
         for key in ("epoch", "step"):
-            if checkpoint.get(key) is not None:
-                parts.append(f"{key} {checkpoint[key]}")
-        best = checkpoint.get("best_metric")
+            if state.get(key) is not None:
+                parts.append(f"{key} {state[key]}")
+        best = state.get("best_metric")
         parts.append(f"best metric {best:.4f}" if best is not None else "no best metric yet")
     title = "exported student" if kind == "export" else f"{kind} checkpoint"
     return f"{title}: {', '.join(parts)}"

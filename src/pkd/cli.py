@@ -25,12 +25,19 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     _add_config_arguments(parser)
     parser.add_argument("--output", help="run folder (overrides the config's output)")
-    parser.add_argument("--no-resume", action="store_true", help="start over even if the run folder has last.pt")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--no-resume", action="store_true", help="start afresh even if the run folder has last.pt")
+    resume.add_argument(
+        "--resume-from",
+        choices=("last", "best"),
+        default="last",
+        help="checkpoint of the run folder to continue from (default last; best: e.g. when last.pt is damaged)",
+    )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
 
 
 def _print_metrics(title: str, metrics: dict[str, float]) -> None:
-    from pkd.engine import COCO_METRICS
+    from pkd.evaluation import COCO_METRICS
 
     print(title)
     for name in COCO_METRICS:
@@ -52,12 +59,13 @@ def _load_run_config(args: argparse.Namespace, *, distill: bool):
 
 def _train(args: argparse.Namespace, *, distill: bool) -> int:
     from pkd.engine import fit
+    from pkd.plots import plot_run
 
     config = _load_run_config(args, distill=distill)
-    results = fit(config, resume=not args.no_resume, progress=args.progress)
+    results = fit(config, resume=False if args.no_resume else args.resume_from, progress=args.progress)
     if results is None:  # not the main process of a DDP run
         return 0
-    print(f"run folder: {config.output}")
+    print(f"run folder: {config.output} (curves: {plot_run(config.output).name})")
     if "val" in results:
         _print_metrics(f"best validation (step {results['best_step']}):", results["val"])
     if "test" in results:
@@ -73,27 +81,59 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return _train(args, distill=True)
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from pkd.config import load_config
+    from pkd.tune import tune
+
+    overrides = list(args.overrides) + ([f"output={args.output}"] if args.output else [])
+    config = load_config(args.config, overrides)
+    result = tune(
+        config,
+        trials=args.trials,
+        jobs=args.jobs,
+        space=args.space or None,
+        sampler=args.sampler,
+        grid_points=args.grid_points,
+        prune=args.prune,
+        seed=args.seed,
+    )
+    print(f"\n{result.table()}\n")
+    print(f"trials: {result.csv}\nplot:   {result.plot}")
+    if result.best_config is not None:
+        command = "distill" if config.teacher is not None else "train"
+        print(f"best:   trial {result.best['trial']}, validation mAP {result.best['val_mAP']:.4f}")
+        print(f"train with it: pkd {command} {result.best_config}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pkd.build import load_detector, resolve_device
+    from pkd.build import build_dataset, load_detector, load_weights_model, resolve_device
     from pkd.config import ConfigError, load_config
-    from pkd.data import CocoDetection, build_loader, eval_transforms
-    from pkd.engine import evaluate
+    from pkd.data import build_loader
+    from pkd.data.check import load_coco_json
+    from pkd.evaluation import evaluate
 
     config = load_config(args.config, args.overrides)
     split = getattr(config.data, args.split)
     if split is None:
         raise ConfigError(f"data.{args.split}: this config has no {args.split} split")
     if args.onnx is not None:
-        from pkd.deploy import OnnxDetector
+        from pkd.onnx_runner import OnnxDetector
 
         model = OnnxDetector(args.onnx)
         meta = {"detector": f"{model.metadata.get('detector', 'detector')} (ONNX Runtime, {args.onnx})"}
         meta["label_map"] = model.metadata.get("label_map") or None
         device = resolve_device("cpu")
-    else:
+    elif args.checkpoint is not None:
         model, meta = load_detector(args.checkpoint)
         device = resolve_device(config.train.device)
-    dataset = CocoDetection(split.annotations, split.images, transforms=eval_transforms(), label_map=meta["label_map"])
+    else:
+        categories = {c["id"]: c["name"] for c in load_coco_json(split.annotations).get("categories", [])}
+        sizes = dict(eval_size=config.data.eval_size, max_size=config.data.max_size)
+        model, meta = load_weights_model(config.model, categories, **sizes)
+        meta["detector"] = f"{meta['detector']} ({config.model.weights})"
+        device = resolve_device(config.train.device)
+    dataset = build_dataset(config.data, args.split, label_map=meta["label_map"])
     loader = build_loader(
         dataset, batch_size=config.train.batch_size, train=False, workers=config.data.workers, distributed=False, seed=0
     )
@@ -142,6 +182,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         batch_size=args.batch,
         dynamic_size=not args.fixed_size,
         score_threshold=args.verify_threshold,
+        score_thresh=args.score_thresh,
     )
     print(f"exported the student to {done.pytorch} (PyTorch) and {done.onnx} (ONNX, {done.size_bytes / 1e6:.1f} MB)")
     print(f"verified with ONNX Runtime on {done.images}: {done.comparison.summary()}")
@@ -180,8 +221,8 @@ def cmd_data_digits(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from pkd.analysis import format_table, inspect_pair
+    from pkd.analysis_plots import save_analysis_figures
     from pkd.config import load_config
-    from pkd.plots import save_analysis_figures
 
     config = load_config(args.config, args.overrides)
     analysis = inspect_pair(
@@ -240,9 +281,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(distill)
     distill.set_defaults(handler=cmd_distill)
 
-    evaluate = commands.add_parser("eval", help="COCO box mAP of a checkpoint on a split of a config's data")
+    from pkd.search_space import SPEC_FORMS
+
+    tune = commands.add_parser(
+        "tune",
+        help="search the distillation weight and learning rate (or any config key) on the validation split",
+        description="Trains one run per trial (Optuna, TPE or grid, pruning trials behind the others' validation "
+        "curves) and writes RUN/tune/: study.db (run again to continue it), trial_K/, trials.csv, trials.png and "
+        "best.yaml, the config to train with. See docs/tune.md.",
+    )
+    _add_config_arguments(tune)
+    tune.add_argument("--trials", type=int, required=True, help="trials in the study in all (completed or pruned)")
+    tune.add_argument("--jobs", type=int, default=1, help="trials at a time, one process and thread each (default 1)")
+    tune.add_argument(
+        "--space",
+        action="append",
+        default=[],
+        metavar="KEY=SPEC",
+        help=f"a searched config key (repeatable); SPEC: {SPEC_FORMS}. Default: train.lr=around and, when "
+        "distilling, distill.weight=around (the config's value / 4 to x 4)",
+    )
+    tune.add_argument("--sampler", default="tpe", choices=("tpe", "grid"), help="Optuna sampler (default tpe)")
+    tune.add_argument("--grid-points", type=int, default=3, help="values per range with --sampler grid (default 3)")
+    tune.add_argument("--no-prune", dest="prune", action="store_false", help="train every trial to the end")
+    tune.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    tune.add_argument("--output", help="run folder; the study goes into OUTPUT/tune (default: the config's output)")
+    tune.set_defaults(handler=cmd_tune)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="COCO box mAP of a model on a split of a config's data",
+        description="Evaluates --checkpoint, --onnx, or else the config's model.weights: a torchvision weights "
+        "enum, a state_dict (e.g. on a timm backbone), an Ultralytics .pt or a pkd checkpoint.",
+    )
     _add_config_arguments(evaluate)
-    model = evaluate.add_mutually_exclusive_group(required=True)
+    model = evaluate.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", type=Path, help="run checkpoint or exported student")
     model.add_argument("--onnx", type=Path, help="ONNX file of `pkd export --format onnx`, run with ONNX Runtime")
     evaluate.add_argument("--split", default="val", choices=("val", "test"), help="which split (default val)")
@@ -254,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write the student alone: a plain torchvision state_dict, or an ONNX graph checked with ONNX Runtime",
         description="--format pt writes the student's weights; --format onnx writes them too (OUT with .pt) "
         "and the whole detector as an ONNX graph (pre- and post-processing inside), run with ONNX Runtime "
-        "on real images and compared with PyTorch before it is kept.",
+        "on real images and compared with PyTorch (backbone and head outputs before any threshold, then the "
+        "detections) before it is kept.",
     )
     export.add_argument("run", help="run folder (or a checkpoint file)")
     export.add_argument("--out", required=True, type=Path, help="output file, e.g. student.pt or student.onnx")
@@ -266,6 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.add_argument("--verify-images", type=int, default=8, metavar="N", help="how many of them (default 8)")
     onnx.add_argument(
         "--verify-threshold", type=float, default=0.3, metavar="SCORE", help="detections compared (default 0.3)"
+    )
+    onnx.add_argument(
+        "--score-thresh",
+        type=float,
+        metavar="SCORE",
+        help="lowest score the exported graph returns (default: the detector's own, e.g. 0.2 for FCOS)",
     )
     onnx.add_argument(
         "--size", type=int, nargs=2, metavar=("H", "W"), help="image size traced (default: the eval size, square)"

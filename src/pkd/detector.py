@@ -56,11 +56,18 @@ class ExportSpec:
             dynamic axes). A family whose models resize every image to one size says so here.
         native_format: the name of the family's own file format that :meth:`Family.export_native`
             writes (``"ultralytics"``), or None.
+        raw_outputs: dotted paths of the submodules whose outputs are what the detector computes
+            before any score threshold, top-k or NMS (its heads' logits and box regressions).
+            Export verification compares them, and the feature module's, between ONNX Runtime
+            and PyTorch, so an untrained detector that detects nothing is checked too. Name
+            only modules whose outputs do not depend on a ranking (a second stage fed by NMS'd
+            proposals does not qualify); ``()``: the feature module alone.
     """
 
     thresholds_at: str = ""
     fixed_size: tuple[int, int] | None = None
     native_format: str | None = None
+    raw_outputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -207,6 +214,11 @@ class Family(ABC):
 
     def describe(self, model: nn.Module) -> DetectorSpec | None:
         """The spec of a model of this family that pkd did not build, or None if it is not one."""
+        return None
+
+    def weights_classes(self, name: str, weights: str | Path) -> dict[int, str] | None:
+        """The classes ``weights`` of detector ``name`` predict, label -> name, where the weights say
+        (torchvision's enums, Ultralytics files); None where they do not (a plain state_dict)."""
         return None
 
     def export_native(self, model: nn.Module, path: Path, class_names: Mapping[int, str] | None = None) -> Path:

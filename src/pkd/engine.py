@@ -1,106 +1,53 @@
-"""Training and evaluation as plain functions: ``train_one_epoch``, ``evaluate`` and ``fit``.
+"""Training as plain functions: ``train_step``, ``train_one_epoch`` and ``fit``.
 
 ``fit(config)`` runs a whole :class:`~pkd.config.Config`: it builds the datasets, the detector
 (and, for distillation, the frozen teacher and the :class:`~pkd.distiller.Distiller`), then
-trains with warm-up and a step or cosine schedule, evaluates COCO box mAP with pycocotools,
-writes ``metrics.jsonl``, TensorBoard events and atomic ``last.pt`` / ``best.pt`` checkpoints
-into the run folder, and resumes from ``last.pt`` when it is run again. Under ``torchrun`` it
-trains with DistributedDataParallel (the student only), evaluates every rank's shard and
-gathers the predictions on rank 0.
+trains with warm-up and a step or cosine schedule, evaluates COCO box mAP
+(:func:`pkd.evaluation.evaluate`), reports through :class:`pkd.run_log.RunLog` and writes atomic
+``last.pt`` / ``best.pt`` checkpoints into the run folder, and resumes from ``last.pt`` when it
+is run again. Under ``torchrun`` everything the Distiller trains (student and connectors) sits
+in one DistributedDataParallel; each rank evaluates its shard and rank 0 gathers the predictions.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import signal
 import sys
 import time
 import warnings
-from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from pkd.build import (
-    build_distiller,
-    build_model,
-    build_optimizer,
-    build_scheduler,
-)
-from pkd.checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_run_checkpoint,
-    set_rng_state,
-)
-from pkd.config import Config, config_to_dict, save_config
-from pkd.data import CocoDetection, build_loader, eval_transforms, set_epoch, train_transforms
-from pkd.dist import (
-    DistInfo,
-    cleanup,
-    gather_to_main,
-    init_distributed,
-    reduce_mean,
-    seed_everything,
-    set_deterministic,
-    unwrap,
-)
+from pkd.build import build_dataset, build_distiller, build_model, build_optimizer, build_scheduler
+from pkd.checkpoint import CheckpointError, load_checkpoint, resume_checkpoint, save_run_checkpoint
+from pkd.config import Config, config_changes, config_to_dict, save_config
+from pkd.data import build_loader, set_epoch
+from pkd.dist import DistInfo, cleanup, init_distributed, seed_everything, set_deterministic
 from pkd.distiller import Distiller
-from pkd.metrics_log import METRICS_FILE, append_record, keep_records_until
+from pkd.evaluation import evaluate
+from pkd.io import atomic_write_text
 from pkd.models import count_parameters
+from pkd.rng import rng_state, set_rng_state
+from pkd.run_log import RunLog
+from pkd.train_state import TrainState
 
 __all__ = [
-    "COCO_METRICS",
+    "RunInterrupted",
     "TrainState",
-    "coco_metrics",
-    "evaluate",
     "fit",
     "train_one_epoch",
+    "train_step",
 ]
-
-#: The 12 numbers of pycocotools' COCOeval.summarize(), in its order (-1: no such objects).
-COCO_METRICS = (
-    "mAP",
-    "AP50",
-    "AP75",
-    "AP_small",
-    "AP_medium",
-    "AP_large",
-    "AR1",
-    "AR10",
-    "AR100",
-    "AR_small",
-    "AR_medium",
-    "AR_large",
-)
 
 
 # -------------------------------------------------------------------------------------------------
 # Training
-
-
-@dataclass
-class TrainState:
-    """Where training stands; saved in checkpoints."""
-
-    step: int = 0
-    epoch: int = 0
-    best_metric: float | None = None
-    best_step: int | None = None
-    bad_steps: int = 0  # consecutive non-finite losses
-    skipped_steps: int = 0  # non-finite losses in total
-    skipped_samples: int = 0  # images that could not be loaded
-    window: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
 
 def _named_losses(losses: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -133,7 +80,6 @@ def train_step(
     clip_grad_norm: float | None = None,
     max_bad_steps: int = 5,
     distributed: bool = False,
-    extra_grads: Iterable[nn.Parameter] = (),
 ) -> None:
     """One optimisation step on one batch; ``state`` counts it and keeps its losses in ``state.window``.
 
@@ -150,9 +96,7 @@ def train_step(
         scaler: a CUDA ``GradScaler`` for mixed precision, or None.
         clip_grad_norm: max gradient norm, or None.
         max_bad_steps: consecutive non-finite losses tolerated.
-        distributed: DDP run (non-finite checks agree across ranks; ``extra_grads`` averaged).
-        extra_grads: parameters outside the DDP-wrapped module whose gradients are averaged
-            across ranks by hand (the distiller's connectors).
+        distributed: DDP run (the non-finite check agrees across ranks).
     """
     images = [image.to(device, non_blocking=True) for image in images]
     targets = [{k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in t.items()} for t in targets]
@@ -167,11 +111,6 @@ def train_step(
             scaler.unscale_(optimizer)
         else:
             total.backward()
-        if distributed:
-            for parameter in extra_grads:
-                if parameter.grad is not None:
-                    torch_dist.all_reduce(parameter.grad)
-                    parameter.grad /= torch_dist.get_world_size()
         if clip_grad_norm is not None:
             parameters = [p for group in optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
@@ -208,12 +147,10 @@ def train_one_epoch(
     *,
     state: TrainState,
     max_steps: int | None = None,
+    after_step: Callable[[TrainState], bool] | None = None,
     **step_options: Any,
 ) -> TrainState:
-    """Trains for one pass over ``data_loader`` (or until ``state.step`` reaches ``max_steps``).
-
-    For a loop of one's own; :func:`fit` runs :func:`train_step` itself, so that its loop says
-    when to log, evaluate and save.
+    """Trains for one pass over ``data_loader``, or until ``max_steps`` or ``after_step`` stop it.
 
     Args:
         model, optimizer, device: as :func:`train_step`.
@@ -221,82 +158,25 @@ def train_one_epoch(
         epoch: epoch number (for the state).
         state: updated in place (also ``skipped_samples``: images that failed to load).
         max_steps: stop when ``state.step`` reaches it.
+        after_step: called after each step (to log, evaluate, save); returning True stops the
+            epoch. It may leave the model in eval mode: training mode is set again before the next step.
         **step_options: :func:`train_step`'s keyword arguments (scheduler, scaler, ...).
 
     Returns:
         ``state``.
     """
-    model.train()
     state.epoch = epoch
     for images, targets, skipped in data_loader:
         if max_steps is not None and state.step >= max_steps:
             break
         state.skipped_samples += skipped
-        if images:  # else every image of the batch failed to load
-            train_step(model, optimizer, images, targets, device, state=state, **step_options)
+        if not images:  # every image of the batch failed to load
+            continue
+        model.train()
+        train_step(model, optimizer, images, targets, device, state=state, **step_options)
+        if after_step is not None and after_step(state):
+            break
     return state
-
-
-# -------------------------------------------------------------------------------------------------
-# Evaluation
-
-
-def coco_metrics(coco_gt: COCO, detections: list[dict], image_ids: list[int]) -> dict[str, float]:
-    """pycocotools' 12 box metrics of ``detections`` (COCO result dicts) on ``image_ids``.
-
-    Returns:
-        ``{name: value}`` for the names of :data:`COCO_METRICS`; all 0 without detections.
-    """
-    if not detections:
-        return dict.fromkeys(COCO_METRICS, 0.0)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the table
-        coco_dt = coco_gt.loadRes(detections)
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
-        evaluator.params.imgIds = list(image_ids)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {name: float(value) for name, value in zip(COCO_METRICS, evaluator.stats, strict=True)}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, data_loader, device: torch.device, *, progress: bool = False) -> dict[str, float] | None:
-    """COCO box mAP of a detector on a :class:`~pkd.data.CocoDetection` loader.
-
-    Each process predicts its shard; predictions are gathered on rank 0, which returns the
-    metrics (other ranks return None).
-
-    Args:
-        model: detector (or distiller), put in eval mode here and left in eval mode.
-        data_loader: evaluation loader whose ``dataset`` is a ``CocoDetection``.
-        device: where the model is.
-        progress: show a progress bar.
-
-    Returns:
-        ``{metric: value}`` (:data:`COCO_METRICS`) on rank 0.
-    """
-    model.eval()
-    dataset = data_loader.dataset
-    detections = []
-    for images, targets, _ in tqdm(data_loader, desc="eval", leave=False, disable=not progress):
-        outputs = model([image.to(device) for image in images])
-        for target, output in zip(targets, outputs, strict=True):
-            boxes = output["boxes"].float().cpu()
-            boxes[:, 2:] -= boxes[:, :2]  # xyxy -> xywh
-            scores, labels = output["scores"].tolist(), output["labels"].tolist()
-            for box, score, label in zip(boxes.tolist(), scores, labels, strict=True):
-                detections.append(
-                    {
-                        "image_id": int(target["image_id"]),
-                        "category_id": dataset.label_to_category[int(label)],
-                        "bbox": [round(x, 2) for x in box],
-                        "score": round(float(score), 5),
-                    }
-                )
-    gathered = gather_to_main(detections)
-    if gathered is None:
-        return None
-    return coco_metrics(dataset.coco, [d for part in gathered for d in part], dataset.ids)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -328,143 +208,8 @@ class _Interrupt:
             signal.signal(signal.SIGINT, self._previous)
 
 
-def _duration(seconds: float) -> str:
-    """``"1:02:03"`` or ``"4:05"``; ``"?"`` for an unknown duration."""
-    if seconds == float("inf") or seconds != seconds:
-        return "?"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def _datasets(config: Config, label_map=None):
-    data = config.data
-    train_set = CocoDetection(
-        data.train.annotations,
-        data.train.images,
-        transforms=train_transforms(min_sizes=data.train_sizes, max_size=data.max_size, flip_prob=data.flip_prob),
-        label_map=label_map,
-        drop_empty=data.drop_empty,
-    )
-    evaluation = {}
-    for split in ("val", "test"):
-        section = getattr(data, split)
-        if section is not None:
-            evaluation[split] = CocoDetection(
-                section.annotations, section.images, transforms=eval_transforms(), label_map=train_set.label_map
-            )
-    return train_set, evaluation
-
-
-# Keys that may change between an interrupted run and its resumption without changing the result.
-_RESUMABLE_CHANGES = {"output", "train.device", "train.log_every", "data.workers", "train.checkpoint_every"}
-
-
-def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(values, dict):
-        return {prefix: values}
-    flat = {}
-    for key, value in values.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
-    return flat
-
-
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """Differences between two plain configs that would change a run, as ``key: old -> new``."""
-    old, new = _flatten(saved), _flatten(current)
-    keys = [k for k in dict.fromkeys([*old, *new]) if k not in _RESUMABLE_CHANGES]
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
 class RunInterrupted(KeyboardInterrupt):
     """Training stopped by Ctrl-C after saving ``last.pt``; run the same command to resume."""
-
-
-class _RunLog:
-    """Where a run reports: metrics.jsonl, TensorBoard, a progress bar, or plain lines without a terminal.
-
-    Only the main process writes; on the others every method does nothing.
-    """
-
-    def __init__(
-        self,
-        run_dir: Path,
-        total_steps: int,
-        step: int,
-        *,
-        resumed: bool,
-        main: bool,
-        progress: bool,
-        images_per_step: int,
-    ) -> None:
-        self.run_dir, self.total_steps, self.main = run_dir, total_steps, main
-        self.metrics_path = run_dir / METRICS_FILE
-        # Where no bar is drawn (a log file, nohup, a cluster scheduler), plain lines say how it goes.
-        self.plain = main and not progress
-        self.images_per_step = images_per_step
-        self.last = {"time": time.time(), "step": step}
-        self.bar = tqdm(total=total_steps, initial=step, desc=run_dir.name, disable=not progress, dynamic_ncols=True)
-        self.writer = None
-        if not main:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-
-        # purge_step drops events a killed run logged after the checkpoint it resumes from.
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=step if resumed else None)
-        if not resumed:
-            self.metrics_path.unlink(missing_ok=True)
-        else:
-            keep_records_until(self.metrics_path, step)
-
-    def advance(self) -> None:
-        """One step done."""
-        self.bar.update(1)
-
-    def train(self, state: TrainState, lr: float) -> None:
-        """The mean losses since the last call (averaged over ranks), then a new window."""
-        window = reduce_mean({k: sum(v) / len(v) for k, v in sorted(state.window.items())})
-        state.window.clear()
-        if not self.main:
-            return
-        record = {"type": "train", "step": state.step, "epoch": state.epoch, "lr": lr, **window}
-        record.update(skipped_steps=state.skipped_steps, skipped_samples=state.skipped_samples)
-        append_record(self.metrics_path, record)
-        for name, value in window.items():
-            self.writer.add_scalar(f"train/{name}", value, state.step)
-        self.writer.add_scalar("train/lr", lr, state.step)
-        shown = {"loss": window["loss"]} | ({"distill": window["loss_distill"]} if "loss_distill" in window else {})
-        self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()} | {"lr": f"{lr:.2e}"})
-        if self.plain:
-            now = time.time()
-            steps_per_s = (state.step - self.last["step"]) / max(now - self.last["time"], 1e-9)
-            self.last.update(time=now, step=state.step)
-            eta = (self.total_steps - state.step) / steps_per_s if steps_per_s > 0 else float("inf")
-            losses = " ".join(f"{k}={v:.4f}" for k, v in window.items() if k == "loss" or k.startswith("loss_"))
-            print(
-                f"[{self.run_dir.name}] step {state.step}/{self.total_steps} {losses} lr={lr:.2e} "
-                f"{steps_per_s * self.images_per_step:.1f} img/s eta {_duration(eta)}",
-                flush=True,
-            )
-
-    def evaluation(self, split: str, state: TrainState, metrics: dict[str, float]) -> None:
-        if not self.main:
-            return
-        append_record(self.metrics_path, {"type": split, "step": state.step, "epoch": state.epoch, **metrics})
-        for name, value in metrics.items():
-            self.writer.add_scalar(f"{split}/{name}", value, state.step)
-        if self.plain and split == "val":
-            print(
-                f"[{self.run_dir.name}] step {state.step}/{self.total_steps} val mAP {metrics['mAP']:.4f} "
-                f"AP50 {metrics['AP50']:.4f} (best {state.best_metric:.4f} at step {state.best_step})",
-                flush=True,
-            )
-            self.last["time"] = time.time()  # the evaluation is not training speed
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
 
 def _save_run(
@@ -475,53 +220,70 @@ def _save_run(
     metrics: dict[str, float] | None,
     is_best: bool,
     *,
-    model: nn.Module,
-    student: nn.Module,
+    trained: nn.Module,
     optimizer,
     scheduler,
     scaler,
 ) -> None:
     """``last.pt`` (and ``best.pt`` when ``is_best``): everything a resumed run needs."""
-    extra = {
-        "best_step": state.best_step,
-        "skipped_steps": state.skipped_steps,
-        "skipped_samples": state.skipped_samples,
+    checkpoint = {
+        "kind": "run",
+        "model": trained.state_dict(),  # a Distiller's is its bare student's
+        "meta": meta,
+        "state": state.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+        "config": config_to_dict(config),
+        "metrics": dict(metrics or {}),
     }
-    if isinstance(model, Distiller):
-        extra["connectors"] = model.connector_state_dict()
-    save_run_checkpoint(
-        run_dir,
-        {
-            "kind": "run",
-            "model": unwrap(student).state_dict(),
-            "meta": meta,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": state.epoch,
-            "step": state.step,
-            "rng": rng_state(),
-            "config": config_to_dict(config),
-            "metrics": dict(metrics or {}),
-            "best_metric": state.best_metric,
-            "extra": extra,
-        },
-        is_best=is_best,
-    )
+    if isinstance(trained, Distiller):
+        checkpoint["connectors"] = trained.connector_state_dict()
+    save_run_checkpoint(run_dir, checkpoint, is_best=is_best)
 
 
-def fit(config: Config, *, resume: bool = True, progress: bool | None = None) -> dict[str, Any] | None:
+def _resume(checkpoint: dict, trained: nn.Module, state: TrainState, optimizer, scheduler, scaler) -> None:
+    """Loads a run checkpoint's weights, optimiser, schedule and counters into the built parts."""
+    if "state" not in checkpoint:
+        raise CheckpointError(
+            "the run checkpoint has no training state (written by an older pkd); start over with --no-resume"
+        )
+    state.load_state_dict(checkpoint["state"])
+    trained.load_state_dict(checkpoint["model"])
+    if isinstance(trained, Distiller):
+        trained.load_connector_state_dict(checkpoint.get("connectors") or {})
+        trained.step = state.step
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+
+
+def fit(
+    config: Config,
+    *,
+    resume: bool | str = True,
+    progress: bool | None = None,
+    on_validation: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any] | None:
     """Trains (and, with ``teacher`` and ``distill`` sections, distils) as the config says.
 
     Writes into ``config.output``: ``config.yaml``, ``metrics.jsonl``, TensorBoard events,
-    ``last.pt`` / ``best.pt`` (best validation mAP), ``results.json`` and ``curves.png``. With ``resume`` and an
-    existing ``last.pt`` it continues from there: weights, optimiser, scheduler, scaler, step,
-    RNG states, so an interrupted run ends where an uninterrupted one would.
+    ``last.pt`` / ``best.pt`` (best validation mAP) and ``results.json``; curves are the
+    caller's to draw (:func:`pkd.plots.plot_run`). With ``resume`` and an existing ``last.pt``
+    it continues from there: weights, optimiser, scheduler, scaler, step, RNG states, so an
+    interrupted run ends where an uninterrupted one would.
 
     Args:
         config: the run.
-        resume: continue from ``last.pt`` when the run folder has one.
+        resume: continue from ``last.pt`` when the run folder has one (True or ``"last"``), from
+            ``best.pt`` (``"best"``), or start afresh (False); see :func:`~pkd.checkpoint.resume_checkpoint`.
         progress: progress bars (default: when stderr is a terminal).
+        on_validation: called on the main process with the step and the validation metrics after
+            each validation (once the checkpoint of that step is saved). An exception it raises
+            stops the run where it is, ``last.pt`` kept; :func:`pkd.tune.tune` prunes hopeless
+            trials this way.
 
     Returns:
         ``results.json``'s content: best validation metrics, test metrics, steps, wall time,
@@ -540,63 +302,59 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
 
     checkpoint = None
     last = run_dir / "last.pt"
-    if resume and last.is_file():
-        checkpoint = load_checkpoint(last)
+    resumed_from = resume_checkpoint(run_dir, resume)
+    if resumed_from is not None:
+        source, checkpoint = resumed_from
         changes = config_changes(checkpoint.get("config", {}), config_to_dict(config))
         if changes:
             raise ValueError(
-                f"{last} was written with another config ({'; '.join(changes[:5])}); resume with the same config, "
+                f"{source} was written with another config ({'; '.join(changes[:5])}); resume with the same config, "
                 "start over with --no-resume (resume=False), or choose another output folder"
             )
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
 
-    train_set, evaluation = _datasets(config, checkpoint["meta"]["label_map"] if checkpoint else None)
+    train_set = build_dataset(
+        config.data, "train", label_map=checkpoint["meta"]["label_map"] if checkpoint else None, augment=True
+    )
+    evaluation = {
+        split: build_dataset(config.data, split, label_map=train_set.label_map)
+        for split in ("val", "test")
+        if getattr(config.data, split) is not None
+    }
+    loader_options = dict(batch_size=config.train.batch_size, workers=config.data.workers, distributed=info.distributed)
     train_loader = build_loader(
         train_set,
-        batch_size=config.train.batch_size,
         train=True,
-        workers=config.data.workers,
-        distributed=info.distributed,
         seed=config.train.seed,
         group_aspect_ratio=config.data.group_aspect_ratio,
+        **loader_options,
     )
     eval_loaders = {
-        split: build_loader(
-            dataset,
-            batch_size=config.train.batch_size,
-            train=False,
-            workers=config.data.workers,
-            distributed=info.distributed,
-            seed=0,
-        )
-        for split, dataset in evaluation.items()
+        split: build_loader(data, train=False, seed=0, **loader_options) for split, data in evaluation.items()
     }
 
     sizes = dict(eval_size=config.data.eval_size, max_size=config.data.max_size)
     student, meta = build_model(config.model, num_classes=train_set.num_classes, skip_resize=True, **sizes)
     meta.update(label_map=dict(train_set.label_map), class_names=dict(train_set.class_names))
-    model: nn.Module = student
+    if info.distributed and device.type == "cuda" and meta["build"]["norm"] == "batch":
+        # Converted before the distiller is built, so that it taps the converted student.
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    trained: nn.Module = student  # what the optimiser trains: the student, or the distiller around it
     if config.teacher is not None:
         teacher, teacher_meta = build_model(config.teacher, num_classes=train_set.num_classes, **sizes)
-        model = build_distiller(student, teacher, config.distill)
+        trained = build_distiller(student, teacher, config.distill)
         meta["teacher"] = teacher_meta["detector"]
-    if info.distributed and device.type == "cuda" and meta["build"]["norm"] == "batch":
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        if isinstance(model, Distiller):
-            model.student = student
-        else:
-            model = student
-    model.to(device)
+    trained.to(device)
+    model = trained
     if info.distributed:
-        wrapped = nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None
+        # One DDP around everything trained: the connectors' gradients are averaged with the
+        # student's. Once distillation stops (distill_until) the connectors get no gradient.
+        unused = isinstance(trained, Distiller) and trained.distill_until is not None
+        model = nn.parallel.DistributedDataParallel(
+            trained, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused
         )
-        if isinstance(model, Distiller):
-            model.student = wrapped
-        else:
-            model = wrapped
 
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
@@ -604,31 +362,18 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
     total_steps = config.train.steps or config.train.epochs * steps_per_epoch
     eval_every = config.train.eval_every or steps_per_epoch
     checkpoint_every = config.train.checkpoint_every or eval_every
-    optimizer = build_optimizer(model.parameters(), config.train)
+    optimizer = build_optimizer(trained.parameters(), config.train)
     scheduler = build_scheduler(optimizer, config.train, total_steps)
     scaler = torch.amp.GradScaler("cuda") if (config.train.amp and device.type == "cuda") else None
     state = TrainState()
-
     if checkpoint is not None:
-        unwrap(student).load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        extra = checkpoint.get("extra", {})
-        if isinstance(model, Distiller):
-            model.load_connector_state_dict(extra.get("connectors", {}))
-            model.step = checkpoint["step"]
-        state.step, state.epoch = checkpoint["step"], checkpoint["epoch"]
-        state.best_metric, state.best_step = checkpoint.get("best_metric"), extra.get("best_step")
-        state.skipped_steps = extra.get("skipped_steps", 0)
-        state.skipped_samples = extra.get("skipped_samples", 0)
+        _resume(checkpoint, trained, state, optimizer, scheduler, scaler)
         if info.distributed:
             seed_everything(config.train.seed + state.step, info.rank)
         else:
             set_rng_state(checkpoint["rng"])
 
-    log = _RunLog(
+    log = RunLog(
         run_dir,
         total_steps,
         state.step,
@@ -637,44 +382,52 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
         progress=progress,
         images_per_step=config.train.batch_size * info.world_size,
     )
-    parts = {"model": model, "student": student, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
     step_options = dict(
         scheduler=scheduler,
         scaler=scaler,
         clip_grad_norm=config.train.clip_grad_norm,
         max_bad_steps=config.train.max_bad_steps,
         distributed=info.distributed,
-        extra_grads=list(model.connectors.parameters()) if isinstance(model, Distiller) else [],
     )
+    saved = dict(trained=trained, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
     try:
         with _Interrupt() as interrupt:
+
+            def after_step(state: TrainState) -> bool:
+                log.advance()
+                done = state.step >= total_steps
+                if state.step % config.train.log_every == 0 or done:
+                    log.train(state, optimizer.param_groups[0]["lr"])
+                evaluated = state.step % eval_every == 0 or done
+                metrics, is_best = None, False
+                if evaluated and "val" in eval_loaders:
+                    # The bare module: evaluation batches differ across ranks, DDP's forward must not sync.
+                    metrics = evaluate(trained, eval_loaders["val"], device, progress=progress)
+                    if info.is_main and (state.best_metric is None or metrics["mAP"] > state.best_metric):
+                        state.best_metric, state.best_step, is_best = metrics["mAP"], state.step, True
+                    log.evaluation("val", state, metrics)
+                elif evaluated:
+                    is_best = True  # without validation, the latest weights are the ones to keep
+                if info.is_main and (evaluated or state.step % checkpoint_every == 0 or interrupt.requested):
+                    _save_run(run_dir, config, meta, state, metrics, is_best, **saved)
+                if metrics is not None and on_validation is not None and info.is_main:
+                    on_validation(state.step, metrics)
+                return done or interrupt.requested
+
             while state.step < total_steps and not interrupt.requested:
-                state.epoch = state.step // steps_per_epoch
-                set_epoch(train_loader, state.epoch, skip_batches=state.step - state.epoch * steps_per_epoch)
-                model.train()
-                for images, targets, skipped in train_loader:
-                    state.skipped_samples += skipped
-                    if not images:  # every image of the batch failed to load
-                        continue
-                    train_step(model, optimizer, images, targets, device, state=state, **step_options)
-                    log.advance()
-                    done = state.step >= total_steps
-                    if state.step % config.train.log_every == 0 or done:
-                        log.train(state, optimizer.param_groups[0]["lr"])
-                    evaluated = state.step % eval_every == 0 or done
-                    metrics, is_best = None, False
-                    if evaluated and "val" in eval_loaders:
-                        metrics = evaluate(model, eval_loaders["val"], device, progress=progress)
-                        model.train()
-                        if info.is_main and (state.best_metric is None or metrics["mAP"] > state.best_metric):
-                            state.best_metric, state.best_step, is_best = metrics["mAP"], state.step, True
-                        log.evaluation("val", state, metrics)
-                    elif evaluated:
-                        is_best = True  # without validation, the latest weights are the ones to keep
-                    if info.is_main and (evaluated or state.step % checkpoint_every == 0 or interrupt.requested):
-                        _save_run(run_dir, config, meta, state, metrics, is_best, **parts)
-                    if done or interrupt.requested:
-                        break
+                epoch = state.step // steps_per_epoch
+                set_epoch(train_loader, epoch, skip_batches=state.step - epoch * steps_per_epoch)
+                train_one_epoch(
+                    model,
+                    optimizer,
+                    train_loader,
+                    device,
+                    epoch,
+                    state=state,
+                    max_steps=total_steps,
+                    after_step=after_step,
+                    **step_options,
+                )
             if interrupt.requested:
                 raise RunInterrupted(f"interrupted at step {state.step}; {last} saved, run again to resume")
         log.bar.close()
@@ -684,7 +437,7 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
             "best_step": state.best_step,
             "skipped_steps": state.skipped_steps,
             "skipped_samples": state.skipped_samples,
-            "parameters": count_parameters(unwrap(student)),
+            "parameters": count_parameters(student),
         }
         best = run_dir / "best.pt"
         if info.distributed:
@@ -693,16 +446,13 @@ def fit(config: Config, *, resume: bool = True, progress: bool | None = None) ->
             results["val"] = load_checkpoint(best)["metrics"]
         if "test" in eval_loaders and best.is_file():
             # The test split is evaluated once, with the weights chosen on validation.
-            unwrap(student).load_state_dict(load_checkpoint(best)["model"])
-            results["test"] = evaluate(model, eval_loaders["test"], device, progress=progress)
+            student.load_state_dict(load_checkpoint(best)["model"])
+            results["test"] = evaluate(trained, eval_loaders["test"], device, progress=progress)
             log.evaluation("test", state, results["test"])
         results["wall_time_s"] = round(time.time() - started, 1)
         if not info.is_main:
             return None
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        from pkd.plots import plot_run
-
-        plot_run(run_dir)
+        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         return results
     finally:
         log.close()

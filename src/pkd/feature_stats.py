@@ -14,7 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pkd.losses import combine_moments, mse_feature_loss, pkd_loss
+from pkd.losses import mse_feature_loss, pkd_loss
+from pkd.pkd_kernel import combine_moments
 
 __all__ = [
     "ChannelDominance",
@@ -52,7 +53,7 @@ class _Sums:
 class ChannelMoments:
     """Per-channel count, means and centred co-moments of ``K`` variables, merged exactly.
 
-    Chunks are pooled with :func:`pkd.losses.combine_moments` (the pairwise update of Chan,
+    Chunks are pooled with :func:`pkd.pkd_kernel.combine_moments` (the pairwise update of Chan,
     Golub and LeVeque), which equals a single pass over all values up to rounding, without raw
     sums of squares (those lose every digit when a channel's mean is far larger than its spread).
     """

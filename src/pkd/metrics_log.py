@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pkd.io import atomic_write_text
+
 __all__ = ["METRICS_FILE", "RunMetrics", "append_record", "keep_records_until", "load_metrics", "validation_curve"]
 
 METRICS_FILE = "metrics.jsonl"
@@ -32,7 +34,8 @@ def keep_records_until(path: Path, step: int) -> None:
         with contextlib.suppress(json.JSONDecodeError, AttributeError):
             if json.loads(line).get("step", 0) <= step:
                 kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    # Atomic: a crash while rewriting must not lose the records that are kept.
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 @dataclass

@@ -8,7 +8,8 @@ the embedded digits dataset.
   :func:`set_epoch` (``sampler.py``): aspect-ratio grouped batches, DDP sharding.
 - :func:`check_dataset`, :func:`format_problems`, :class:`Problem` (``check.py``).
 - :func:`make_digits_dataset`, :func:`preview` (``digits.py``): handwritten digits on
-  photographs, generated from data that scikit-learn and scikit-image ship.
+  photographs, generated from data that scikit-learn and scikit-image ship; one image is
+  rendered by ``digit_images.py``.
 """
 
 from pkd.data.check import Problem, check_data_main, check_dataset, format_problems

@@ -2,7 +2,7 @@
 
 :class:`CocoDetection` reads a COCO annotation file with pycocotools, drops what
 :mod:`pkd.data.check` finds unusable (warning once with a summary), maps the file's category
-ids to contiguous labels ``1..K`` (0 is the background, as torchvision's detectors expect),
+ids to labels (by default contiguous ``1..K``; 0 is the background, as torchvision's detectors expect),
 and returns ``(image, target)`` pairs whose boxes are ``tv_tensors.BoundingBoxes``, so that
 ``torchvision.transforms.v2`` moves them with the pixels.
 
@@ -26,8 +26,10 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch import Tensor
 from torchvision import tv_tensors
+from torchvision.ops import box_convert
 
-from pkd.data.check import Problem, clean_coco, load_coco_json
+from pkd.data.check import clean_coco
+from pkd.data.coco_records import Problem, load_coco_json
 
 __all__ = ["CocoDetection", "Sample", "collate"]
 
@@ -58,7 +60,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     - ``boxes``: ``tv_tensors.BoundingBoxes`` ``(K, 4)`` float32 in XYXY pixels, clipped to the
       image, ``canvas_size=(H, W)``;
-    - ``labels``: int64 ``(K,)`` contiguous labels in ``1..num_classes - 1``;
+    - ``labels``: int64 ``(K,)`` labels in ``1..num_classes - 1``;
     - ``image_id``: the COCO image id (int);
     - ``area``: float32 ``(K,)``, the annotation's ``area`` (its mask area in COCO) in the
       pixels of the file, not updated by transforms: COCO evaluation reads it from the
@@ -79,8 +81,9 @@ class CocoDetection(torch.utils.data.Dataset):
         images: Folder that the images' ``file_name`` are relative to.
         transforms: Called as ``transforms(image, target)`` on every sample; returns the pair.
         label_map: Category id -> label, e.g. from a saved run so that evaluation and export
-            use the labels the model was trained with. It must cover every category of the
-            file. None numbers the file's categories ``1..K`` in order of their ids.
+            use the labels the model was trained with, or the labels pretrained weights predict
+            (distinct, >= 1, gaps allowed). It must cover every category of the file. None
+            numbers the file's categories ``1..K`` in order of their ids.
         drop_empty: Drop images without any non-crowd annotation (False keeps them: images
             with nothing to detect teach the detector what background looks like).
         check_files: Drop images whose file does not exist.
@@ -89,7 +92,7 @@ class CocoDetection(torch.utils.data.Dataset):
         coco: The pycocotools index of the cleaned annotations (crowd regions included), the
             ground truth for ``COCOeval``.
         ids: Image ids in sample order (sorted).
-        label_map: Category id -> contiguous label.
+        label_map: Category id -> label.
         label_to_category: Label -> category id, the inverse of ``label_map``, to write
             predictions back in the file's category ids.
         class_names: Label -> category name.
@@ -144,8 +147,9 @@ class CocoDetection(torch.utils.data.Dataset):
         # Keys come back as strings from a JSON-saved run.
         resolved = {int(category_id): int(label) for category_id, label in label_map.items()}
         labels = sorted(resolved.values())
-        if labels != list(range(1, len(labels) + 1)):
-            raise ValueError(f"label_map must map category ids to the labels 1..K, each once; got labels {labels}")
+        # Gaps are fine: a model's own label space may have them (torchvision's COCO weights: 1..90).
+        if len(set(labels)) != len(labels) or (labels and labels[0] < 1):
+            raise ValueError(f"label_map must map category ids to distinct labels >= 1; got labels {labels}")
         uncovered = [category_id for category_id in category_ids if category_id not in resolved]
         if uncovered:
             raise ValueError(
@@ -186,6 +190,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def _load_image(self, image_id: int) -> tv_tensors.Image | None:
         path = self.images_dir / self.coco.imgs[image_id]["file_name"]
+        # PIL, not torchvision.io.decode_image: torchvision deprecates its decoders since 0.29,
+        # and PIL also reads the BMP and TIFF files that some datasets hold.
         try:
             with Image.open(path) as file:
                 pixels = np.asarray(file.convert("RGB"))
@@ -199,7 +205,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def _target(self, image_id: int, height: int, width: int) -> dict[str, Any]:
         annotations = self._training_annotations(image_id)
         boxes = torch.tensor([a["bbox"] for a in annotations], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
+        boxes = box_convert(boxes, "xywh", "xyxy")
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         # Only an image whose file has another size than its record can turn a box empty here.

@@ -8,7 +8,8 @@ detector is its declaration (:func:`describe`). Adding a family is one module an
     FAMILIES["mine"] = MyFamily()
 
 A family's own libraries (Ultralytics, Hugging Face's) are imported by its module only when one
-of its detectors is built.
+of its detectors is built. The torchvision family's module names, checks and declares its
+detectors; ``torchvision_parts.py`` beside it assembles them from torchvision's parts.
 """
 
 from __future__ import annotations

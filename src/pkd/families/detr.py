@@ -50,9 +50,9 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_convert
 
 from pkd.backbones import OFFLINE_WEIGHTS, load_backbone_weights, offline_state_dict
-from pkd.checkpoint import read_weights
 from pkd.detector import DetectorSpec, ExportSpec, Family, Level
 from pkd.families.detr_configs import DETR_MODELS, KINDS, detr_config
+from pkd.weights import read_weights
 
 __all__ = ["DetrDetector", "DetrFamily", "DetrFeatures", "SquareTransform", "build_detr"]
 
@@ -417,6 +417,14 @@ def _load(detector: DetrDetector, path: Path) -> None:
     detector.load_state_dict({k: state_dict[k] for k in own})
 
 
+def _raw_outputs(detector: DetrDetector) -> tuple[str, ...]:
+    """The encoder's levels and its per-anchor class scores: what the model computes before it
+    picks its queries. The queries' own outputs are left out: near-equal anchor scores may be
+    picked in another order by ONNX Runtime, which permutes the queries, not the detections."""
+    model = detector.detr.model
+    return tuple(f"detr.model.{name}" for name in ("encoder", "enc_score_head") if hasattr(model, name))
+
+
 def _spec(detector: DetrDetector) -> DetectorSpec:
     config = detector.detr.config
     side = detector.transform.size
@@ -430,7 +438,7 @@ def _spec(detector: DetrDetector) -> DetectorSpec:
         image_std=tuple(float(v) for v in detector.transform.image_std),
         distill_weight=10.0,
         weight_reason="a one-stage set-prediction detector (no RoI stage): the one-stage reference weight, 10",
-        export=ExportSpec(fixed_size=(side, side)),
+        export=ExportSpec(fixed_size=(side, side), raw_outputs=_raw_outputs(detector)),
     )
 
 

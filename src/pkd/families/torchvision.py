@@ -5,33 +5,32 @@
 detector on a ResNet-18 with a narrower FPN, assembled from torchvision's parts exactly the way
 its builder assembles the ResNet-50 one, so a small student and a large teacher can be built
 on a CPU. Names follow torchvision's ``<family>_<backbone>_fpn[_v2]`` pattern; the
-``backbone=`` argument overrides the one in the name.
+``backbone=`` argument overrides the one in the name. This module names, checks and declares
+the detectors; :mod:`pkd.families.torchvision_parts` assembles them from torchvision's parts.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 import torchvision
 from torch import nn
-from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
-from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.models.detection.rpn import AnchorGenerator, RPNHead
-from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from pkd.backbones import TimmBackboneWithFPN, build_timm_body
-from pkd.checkpoint import CheckpointError, read_weights
 from pkd.detector import DetectorSpec, ExportSpec, Family, Level
+from pkd.families.torchvision_parts import (
+    KINDS,
+    TIMM_PREFIX,
+    assemble,
+    detect_norm,
+    is_weights_path,
+    load_strict,
+    read_state_dict,
+    start_fcos_regression_alive,
+)
 from pkd.features import probe_levels
 
 __all__ = [
@@ -46,14 +45,10 @@ __all__ = [
     "parse_detector_name",
 ]
 
-#: torchvision's detector kinds: two-stage (region proposals, then RoI heads) or one-stage (dense heads).
-KINDS = {"fasterrcnn": "two-stage", "maskrcnn": "two-stage", "retinanet": "one-stage", "fcos": "one-stage"}
 #: ResNet-style backbones any family can use (torchvision classification models).
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "wide_resnet50_2")
 #: Backbones by name; MobileNetV3 is available for Faster R-CNN through torchvision's own builder.
 BACKBONES = (*RESNETS, "mobilenet_v3_large")
-#: ``timm_<model>`` names any timm model with ``features_only`` (``fcos_timm_tf_efficientnet_lite0_fpn``).
-TIMM_PREFIX = "timm_"
 NORMS = ("auto", "batch", "frozen", "group")
 
 _NAME = re.compile(r"^(?P<family>[a-z]+)_(?P<backbone>.+)_fpn(?P<v2>_v2)?$")
@@ -112,227 +107,6 @@ def parse_detector_name(name: str) -> tuple[str, str, bool]:
 def is_two_stage(model: nn.Module) -> bool:
     """Whether ``model`` is a two-stage detector (torchvision's Faster / Mask R-CNN)."""
     return isinstance(model, GeneralizedRCNN)
-
-
-def _norm_layer(norm: str) -> Callable[..., nn.Module]:
-    if norm == "frozen":
-        return FrozenBatchNorm2d
-    if norm == "group":
-        return lambda channels: nn.GroupNorm(32, channels)
-    return nn.BatchNorm2d
-
-
-def _is_path(value: Any) -> bool:
-    return isinstance(value, Path) or (isinstance(value, str) and (Path(value).suffix in {".pt", ".pth"}))
-
-
-def _read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict from a pkd checkpoint or export, a ``{"model": ...}`` dict, or a plain state_dict."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    try:
-        return read_weights(path)[0]
-    except CheckpointError as error:  # build_detector reports bad arguments, files included, as ValueError
-        raise ValueError(str(error)) from None
-
-
-def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, ignore=()) -> None:
-    """``load_state_dict(strict=True)`` with an error that says what does not fit (keys under ``ignore`` skipped)."""
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(ignore))}
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(tuple(ignore))}
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [
-        f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and state_dict[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        details = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if keys:
-                details.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
-        raise ValueError(
-            f"weights in {source} do not fit this model: {'; '.join(details)}. Build the detector with the "
-            "name, backbone, num_classes, fpn_channels and norm the weights were trained with."
-        )
-    model.load_state_dict(state_dict, strict=not ignore)
-
-
-def detect_norm(state_dict: dict[str, torch.Tensor]) -> str:
-    """The backbone norm a state_dict was trained with: ``"batch"``, ``"frozen"`` or ``"group"``.
-
-    Trainable BatchNorm keeps ``num_batches_tracked``; FrozenBatchNorm2d has running statistics
-    without it; GroupNorm has neither.
-    """
-    backbone_keys = [k for k in state_dict if ".body." in k or not k.startswith(("backbone.", "fpn."))]
-    if any(k.endswith("num_batches_tracked") for k in backbone_keys):
-        return "batch"
-    if any(k.endswith("running_var") for k in backbone_keys):
-        return "frozen"
-    return "group"
-
-
-def _resnet_body(
-    backbone: str, weights_backbone: str | Path | None, norm: str, trainable_layers: int
-) -> tuple[nn.Module, list[int]]:
-    """A torchvision ResNet with its first layers frozen, and the channel counts of layer1..4."""
-    local = _is_path(weights_backbone)
-    body = torchvision.models.get_model(
-        backbone, weights=None if local else weights_backbone, norm_layer=_norm_layer(norm)
-    )
-    if local:
-        _load_strict(body, _read_state_dict(weights_backbone), str(weights_backbone), ignore=("fc.",))
-    if not 0 <= trainable_layers <= 5:
-        raise ValueError(f"trainable_backbone_layers must be in 0..5, got {trainable_layers}")
-    trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
-    if trainable_layers == 5:
-        trainable.append("bn1")
-    for name, parameter in body.named_parameters():
-        if not name.startswith(tuple(trainable)):
-            parameter.requires_grad_(False)
-    # The last conv of each layer says how many channels the layer returns (64.. for BasicBlock,
-    # 256.. for Bottleneck), whatever the ResNet variant.
-    channels = []
-    for index in range(1, 5):
-        block = getattr(body, f"layer{index}")[-1]
-        channels.append((block.conv3 if hasattr(block, "conv3") else block.conv2).out_channels)
-    return body, channels
-
-
-def _fpn_backbone(
-    family: str,
-    backbone: str,
-    v2: bool,
-    *,
-    weights_backbone: str | Path | None,
-    norm: str,
-    fpn_channels: int,
-    trainable_layers: int | None,
-    backbone_options: dict[str, Any] | None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Backbone + FPN with the levels ``family`` expects, and detector keyword arguments it implies.
-
-    Two-stage detectors read strides 4-32 and add a max-pooled stride 64; one-stage ones read
-    strides 8-32 and add P6, P7 (from P5, or from C5 for RetinaNet v2), as torchvision's builders.
-    """
-    two_stage = KINDS[family] == "two-stage"
-    wanted = (4, 8, 16, 32) if two_stage else (8, 16, 32)
-    detector_kwargs: dict[str, Any] = {}
-    if backbone.startswith(TIMM_PREFIX):
-        if norm == "group":
-            raise ValueError("timm backbones keep their own norms: norm must be auto, batch or frozen")
-        weights: Any = weights_backbone
-        if _is_path(weights_backbone):
-            weights = _read_state_dict(weights_backbone)
-        body, strides, channels_all, pretrained_cfg = build_timm_body(
-            backbone.removeprefix(TIMM_PREFIX),
-            weights,
-            source=str(weights_backbone),
-            frozen_norm=norm == "frozen",
-            trainable_layers=trainable_layers,
-            options=backbone_options,
-        )
-        missing = [s for s in wanted if s not in strides]
-        if missing:
-            timm_model = backbone.removeprefix(TIMM_PREFIX)
-            raise ValueError(
-                f"{family} needs backbone levels at strides {list(wanted)}; timm's {timm_model} "
-                f"has strides {strides} (missing {missing})"
-            )
-        levels = [strides.index(s) for s in wanted]
-        channels = [channels_all[i] for i in levels]
-        # The pixel normalisation the backbone was pretrained with (timm's pretrained config).
-        detector_kwargs = {"image_mean": list(pretrained_cfg["mean"]), "image_std": list(pretrained_cfg["std"])}
-    else:
-        body, resnet_channels = _resnet_body(
-            backbone, weights_backbone, norm, 5 if trainable_layers is None else trainable_layers
-        )
-        channels = resnet_channels[-len(wanted) :]
-    if two_stage:
-        extra = LastLevelMaxPool()
-    elif family == "retinanet" and v2:
-        extra = LastLevelP6P7(channels[-1], fpn_channels)  # P6 from C5, as retinanet v2
-    else:
-        extra = LastLevelP6P7(fpn_channels, fpn_channels)  # P6 from P5
-    # The v2 two-stage models put BatchNorm in the FPN; v1 and the one-stage models have none.
-    fpn_norm = nn.BatchNorm2d if (v2 and two_stage) else None
-    if backbone.startswith(TIMM_PREFIX):
-        channels_last = str(getattr(body, "output_fmt", "NCHW")).upper().endswith("NHWC")
-        fpn_backbone: nn.Module = TimmBackboneWithFPN(
-            body, levels, channels, fpn_channels, extra, fpn_norm, channels_last=channels_last
-        )
-    else:
-        returned = [1, 2, 3, 4][-len(wanted) :]
-        fpn_backbone = BackboneWithFPN(
-            body,
-            return_layers={f"layer{k}": str(i) for i, k in enumerate(returned)},
-            in_channels_list=channels,
-            out_channels=fpn_channels,
-            extra_blocks=extra,
-            norm_layer=fpn_norm,
-        )
-    return fpn_backbone, detector_kwargs
-
-
-def _assemble(
-    family: str,
-    backbone: str,
-    v2: bool,
-    *,
-    num_classes: int,
-    weights_backbone: str | Path | None,
-    norm: str,
-    fpn_channels: int,
-    trainable_layers: int | None,
-    backbone_options: dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> nn.Module:
-    """Builds a detector from torchvision's parts, as its ``*_resnet50_fpn[_v2]`` builder does."""
-    fpn_backbone, implied = _fpn_backbone(
-        family,
-        backbone,
-        v2,
-        weights_backbone=weights_backbone,
-        norm=norm,
-        fpn_channels=fpn_channels,
-        trainable_layers=trainable_layers,
-        backbone_options=backbone_options,
-    )
-    kwargs = {**implied, **kwargs}
-    group_norm = partial(nn.GroupNorm, 32)
-    if (family == "fcos" or (family == "retinanet" and v2)) and fpn_channels % 32:
-        raise ValueError(f"{family} heads use GroupNorm(32): fpn_channels must be a multiple of 32, got {fpn_channels}")
-    if family == "retinanet":
-        if v2:
-            anchors = AnchorGenerator(
-                tuple((x, int(x * 2 ** (1 / 3)), int(x * 2 ** (2 / 3))) for x in [32, 64, 128, 256, 512]),
-                ((0.5, 1.0, 2.0),) * 5,
-            )
-            head = RetinaNetHead(
-                fpn_channels, anchors.num_anchors_per_location()[0], num_classes, norm_layer=group_norm
-            )
-            head.regression_head._loss_type = "giou"
-            return RetinaNet(fpn_backbone, num_classes, anchor_generator=anchors, head=head, **kwargs)
-        return RetinaNet(fpn_backbone, num_classes, **kwargs)
-    if family == "fcos":
-        if v2:
-            raise ValueError("torchvision has no FCOS v2; use fcos_<backbone>_fpn")
-        return FCOS(fpn_backbone, num_classes, **kwargs)
-    detector = MaskRCNN if family == "maskrcnn" else FasterRCNN
-    if v2:
-        anchors = AnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
-        kwargs.setdefault("rpn_anchor_generator", anchors)
-        kwargs.setdefault("rpn_head", RPNHead(fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=2))
-        kwargs.setdefault(
-            "box_head",
-            FastRCNNConvFCHead((fpn_channels, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d),
-        )
-        if family == "maskrcnn":
-            kwargs.setdefault(
-                "mask_head", MaskRCNNHeads(fpn_channels, [256, 256, 256, 256], 1, norm_layer=nn.BatchNorm2d)
-            )
-    return detector(fpn_backbone, num_classes, **kwargs)
 
 
 def build_torchvision(
@@ -412,12 +186,12 @@ def build_torchvision(
         raise ValueError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too and must be >= 2, got {num_classes}")
-    local_weights = _is_path(weights)
-    state_dict = _read_state_dict(weights) if local_weights else None
+    local_weights = is_weights_path(weights)
+    state_dict = read_state_dict(weights) if local_weights else None
     # A local classification file for a timm backbone is its pretrained weights; for a ResNet
     # it may be anything the user trained, so it keeps the random-init defaults.
     pretrained = (weights is not None and not local_weights) or (
-        weights_backbone is not None and (not _is_path(weights_backbone) or backbone.startswith(TIMM_PREFIX))
+        weights_backbone is not None and (not is_weights_path(weights_backbone) or backbone.startswith(TIMM_PREFIX))
     )
     if norm == "auto":
         norm = detect_norm(state_dict) if state_dict is not None else ("frozen" if pretrained else "batch")
@@ -437,7 +211,7 @@ def build_torchvision(
                 "mobilenet_v3_large is available as torchvision's fasterrcnn_mobilenet_v3_large_fpn "
                 "(FPN width 256, batch or frozen norm); use a ResNet backbone for other detectors"
             )
-        if _is_path(weights_backbone):
+        if is_weights_path(weights_backbone):
             raise ValueError("a local weights_backbone file is supported for ResNet backbones only")
         if (norm == "frozen") != pretrained:
             raise ValueError("torchvision's MobileNetV3 detector uses frozen BatchNorm exactly when pretrained")
@@ -467,7 +241,7 @@ def build_torchvision(
             **kwargs,
         )
     else:
-        model = _assemble(
+        model = assemble(
             family,
             backbone,
             v2,
@@ -480,9 +254,9 @@ def build_torchvision(
             **kwargs,
         )
     if state_dict is not None:
-        _load_strict(model, state_dict, str(weights))
+        load_strict(model, state_dict, str(weights))
     elif weights is None and isinstance(model, FCOS):
-        _start_fcos_regression_alive(model)
+        start_fcos_regression_alive(model)
     strides = _MOBILENET_STRIDES if backbone == "mobilenet_v3_large" else _STRIDES[KINDS[family]]
     model.pkd_spec = _spec(model, dict(strides))
     return model
@@ -511,7 +285,10 @@ def _spec(model: nn.Module, strides: dict[str, int]) -> DetectorSpec:
             "the reference configs (MMRazor PKD) use 6 with a two-stage teacher (Faster / Mask R-CNN) "
             "and 10 with a one-stage one (RetinaNet, FCOS)"
         ),
-        export=ExportSpec(thresholds_at="roi_heads" if two_stage else ""),
+        # The RoI heads see proposals ranked and NMS'd by the RPN: their outputs are checked as detections.
+        export=ExportSpec(
+            thresholds_at="roi_heads" if two_stage else "", raw_outputs=("rpn.head",) if two_stage else ("head",)
+        ),
     )
 
 
@@ -540,25 +317,18 @@ class TorchvisionFamily(Family):
     def resolved_options(self, model: nn.Module) -> dict[str, Any]:
         return {"norm": detect_norm(model.state_dict())}
 
+    def weights_classes(self, name: str, weights: str | Path) -> dict[int, str] | None:
+        """The categories of a torchvision weights enum (COCO's, labels 1..90 with gaps); None for a file."""
+        if is_weights_path(weights):
+            return None
+        family, backbone, v2 = parse_detector_name(name)
+        builder = name if backbone == "mobilenet_v3_large" else f"{family}_resnet50_fpn{'_v2' if v2 else ''}"
+        categories = torchvision.models.get_model_weights(builder).verify(weights).meta["categories"]
+        return {label: category for label, category in enumerate(categories) if label and category != "N/A"}
+
     def describe(self, model: nn.Module) -> DetectorSpec | None:
         """A torchvision detector pkd did not build: its levels from one forward of its backbone."""
         if not isinstance(model, GeneralizedRCNN | RetinaNet | FCOS):
             return None
         levels = probe_levels(model.backbone)
         return _spec(model, {name: stride for name, (stride, _) in levels.items()})
-
-
-def _start_fcos_regression_alive(model: FCOS, bias: float = 1.0) -> None:
-    """Starts FCOS's box regression at boxes one anchor wide instead of points.
-
-    torchvision's FCOS regresses the four box sides through a ReLU from a bias initialised
-    at 0, with a GIoU loss. From random init, the first updates (through the centreness branch
-    it shares a tower with) can push every foreground output below zero; the ReLU then passes
-    no gradient, the predicted boxes are points and the regression loss stays at exactly 1.0
-    for the rest of training (reported for other FCOS implementations too, e.g.
-    tianzhi0549/FCOS#310, open-mmlab/mmrotate#490). We saw it in about half of our runs from
-    scratch, depending on the batch. A bias of 1 (box sides of one anchor size, 8 px at stride
-    8) keeps the outputs positive while the rest of the detector learns.
-    """
-    with torch.no_grad():
-        model.head.regression_head.bbox_reg.bias.fill_(bias)

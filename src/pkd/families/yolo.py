@@ -37,8 +37,10 @@ from torch import Tensor, nn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import box_convert, clip_boxes_to_image
 
-from pkd.checkpoint import PickledFileError, read_weights
+from pkd.checkpoint import PickledFileError
 from pkd.detector import DetectorSpec, ExportSpec, Family, Level
+from pkd.io import atomic_path
+from pkd.weights import load_pickled_modules, module_state_dict, read_weights
 
 __all__ = ["YOLO_NAME", "YoloDetector", "YoloFamily", "YoloFeatures", "build_yolo", "is_yolo_name", "save_ultralytics"]
 
@@ -271,20 +273,42 @@ def _model_dict(name: str, width: float | None, depth: float | None) -> dict[str
     return spec
 
 
-def _ultralytics_state_dict(path: Path) -> dict[str, Tensor]:
-    """The weights of an Ultralytics ``.pt``: a pickle, loaded with ``weights_only=False``."""
-    _, tasks, _, _ = _ultralytics()
-    logging.getLogger("pkd").warning(
-        "loading %s with pickle (torch.load weights_only=False): an Ultralytics checkpoint holds whole "
-        "Python objects and runs code when unpickled; only load files you trust",
-        path,
+def _ultralytics_model(path: Path) -> nn.Module:
+    """The model in an Ultralytics ``.pt`` (its EMA weights when it has them), loaded without running code.
+
+    The file is a pickle of Ultralytics' model objects; it is read with ``weights_only=True``
+    and an allowlist of torch's and Ultralytics' module classes and Ultralytics' argument
+    namespace (:func:`pkd.weights.load_pickled_modules`): a file that names anything else is
+    refused by name before any of it is unpickled.
+    """
+    _ultralytics()
+    from ultralytics.utils import IterableSimpleNamespace
+
+    checkpoint = load_pickled_modules(
+        path, packages=("ultralytics.nn",), classes=(IterableSimpleNamespace,), what="an Ultralytics checkpoint"
     )
-    with _quiet():
-        checkpoint, _ = tasks.torch_safe_load(str(path))
-    model = checkpoint.get("ema") or checkpoint.get("model")
-    if not isinstance(model, nn.Module):
+    models = [checkpoint.get(key) for key in ("ema", "model")] if isinstance(checkpoint, dict) else []
+    models = [model for model in models if isinstance(model, nn.Module)]
+    if not models:
         raise ValueError(f"{path} is not an Ultralytics checkpoint (no 'model' or 'ema' module)")
-    return model.float().state_dict()
+    return models[0]
+
+
+def _ultralytics_state_dict(path: Path) -> dict[str, Tensor]:
+    """The float32 weights of an Ultralytics ``.pt`` (saved in float16 by Ultralytics' trainer)."""
+    state_dict = module_state_dict(_ultralytics_model(path))
+    return {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
+def ultralytics_classes(path: str | Path) -> dict[int, str] | None:
+    """The classes of a YOLO weights file, pkd label (YOLO class + 1) -> name; None for a state_dict."""
+    try:
+        read_weights(path)
+    except PickledFileError:
+        names = vars(_ultralytics_model(Path(path))).get("names")
+        if isinstance(names, dict) and all(type(k) is int and isinstance(v, str) for k, v in names.items()):
+            return {index + 1: name for index, name in names.items()}
+    return None
 
 
 def _load(detector: YoloDetector, path: Path) -> None:
@@ -335,8 +359,9 @@ def build_yolo(
         num_classes: classes including the background, as for every pkd detector (YOLO's
             ``nc`` is one less).
         weights: a local file: a pkd checkpoint or export of this model, a plain state_dict,
-            or an Ultralytics ``.pt`` (a pickle: only load files you trust; a model trained on
-            other classes keeps its weights except the head's class layers).
+            or an Ultralytics ``.pt`` (read without running code from it, see
+            :func:`pkd.weights.load_pickled_modules`; a model trained on other classes keeps its
+            weights except the head's class layers).
         weights_backbone: not supported for YOLO models (an error when given).
         min_size: shorter side at evaluation.
         max_size: longer side limit.
@@ -394,8 +419,15 @@ def _spec(detector: YoloDetector) -> DetectorSpec:
         image_std=(1.0, 1.0, 1.0),
         distill_weight=10.0,
         weight_reason="a one-stage dense detector: the reference configs use 10 with a one-stage teacher",
-        export=ExportSpec(native_format="ultralytics"),
+        export=ExportSpec(native_format="ultralytics", raw_outputs=_raw_outputs(detector)),
     )
+
+
+def _raw_outputs(detector: YoloDetector) -> tuple[str, ...]:
+    """The Detect head's box and class branches, per level: its outputs before decoding and top-k."""
+    head = f"model.model.{len(detector.model.model) - 1}"
+    branches = [b for b in ("cv2", "cv3", "one2one_cv2", "one2one_cv3") if getattr(detector.head, b, None) is not None]
+    return tuple(f"{head}.{b}.{level}" for b in branches for level in range(len(getattr(detector.head, b))))
 
 
 class YoloFamily(Family):
@@ -417,6 +449,9 @@ class YoloFamily(Family):
     def describe(self, model: nn.Module) -> DetectorSpec | None:
         return _spec(model) if isinstance(model, YoloDetector) else None
 
+    def weights_classes(self, name: str, weights: str | Path) -> dict[int, str] | None:
+        return ultralytics_classes(weights)
+
     def export_native(self, model: nn.Module, path: Path, class_names=None) -> Path:
         return save_ultralytics(model, path, class_names)
 
@@ -424,8 +459,8 @@ class YoloFamily(Family):
 def save_ultralytics(detector: YoloDetector, path: str | Path, class_names: dict[int, str] | None = None) -> Path:
     """Writes the YOLO model as an Ultralytics ``.pt`` that ``ultralytics.YOLO(path)`` loads.
 
-    This file is a pickle (Ultralytics' format, whole Python objects): unlike pkd's own
-    checkpoints it cannot be read with ``weights_only=True``.
+    This file is a pickle (Ultralytics' format, whole Python objects). pkd reads it back, as
+    any Ultralytics ``.pt``, with ``weights_only=True`` and an allowlist of the classes it holds.
 
     Args:
         detector: the trained model.
@@ -440,6 +475,6 @@ def save_ultralytics(detector: YoloDetector, path: str | Path, class_names: dict
     model.names = names
     model.args = {"task": "detect", "imgsz": int(max(detector.transform.min_size))}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model, "train_args": dict(model.args), "version": ultralytics.__version__}, path)
+    with atomic_path(path) as temp:
+        torch.save({"model": model, "train_args": dict(model.args), "version": ultralytics.__version__}, temp)
     return path
