@@ -66,6 +66,9 @@ def test_unknown_name_lists_every_family():
 def test_options_of_another_family_are_named():
     with pytest.raises(ValueError, match="width: yolo options, not options of fcos_resnet18_fpn"):
         build_detector("fcos_resnet18_fpn", **TINY, width=0.5)
+    # A keyword two families share is each one's own.
+    assert build_detector("fcos_resnet18_fpn", **TINY, score_thresh=0.1).score_thresh == 0.1
+    assert build_detector("fasterrcnn_resnet18_fpn", **TINY, box_score_thresh=0.1).roi_heads.score_thresh == 0.1
 
 
 def test_a_family_registered_outside_pkd_distils_from_a_torchvision_teacher(monkeypatch):

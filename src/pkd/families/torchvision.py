@@ -296,7 +296,19 @@ class TorchvisionFamily(Family):
     """torchvision's Faster R-CNN, Mask R-CNN, RetinaNet and FCOS (:func:`build_torchvision`)."""
 
     name = "torchvision"
-    options = ("backbone", "fpn_channels", "norm", "trainable_backbone_layers", "backbone_options")
+    # The post-processing keywords are declared too, so that another family's option of the same
+    # name (DETR's score_thresh) does not make them foreign here.
+    options = (
+        "backbone",
+        "fpn_channels",
+        "norm",
+        "trainable_backbone_layers",
+        "backbone_options",
+        "score_thresh",
+        "detections_per_img",
+        "box_score_thresh",
+        "box_detections_per_img",
+    )
     pattern = (
         f"<kind>_<backbone>_fpn[_v2] with kind in {', '.join(KINDS)} and backbone in {', '.join(BACKBONES)} "
         "or timm_<model> for any timm model with features_only, e.g. fcos_timm_tf_efficientnet_lite0_fpn"
