@@ -127,6 +127,7 @@ def test_an_early_student_exports_verified_with_the_default_flags(tiny_digits, t
     assert main(["export", str(tmp_path / "student"), "--format", "onnx", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "verified with ONNX Runtime" in printed and "raw outputs" in printed and "disagree" not in printed
+    assert "--score-thresh" in printed  # the way to a graph that returns this student's boxes
     assert out.is_file() and not (tmp_path / "student.unverified.onnx").exists()
 
     images = load_images(tiny_digits.images["test"], 4)

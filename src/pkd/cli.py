@@ -186,6 +186,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     print(f"exported the student to {done.pytorch} (PyTorch) and {done.onnx} (ONNX, {done.size_bytes / 1e6:.1f} MB)")
     print(f"verified with ONNX Runtime on {done.images}: {done.comparison.summary()}")
+    if not done.comparison.compared and args.score_thresh is None:
+        # A weak student's scores all sit below its detector's threshold: the graph is right and returns nothing.
+        print(
+            "note: no detection on these images in PyTorch or ONNX Runtime: every score is below the detector's own "
+            "score threshold; export with --score-thresh (e.g. 0.05) for a graph that returns lower-scored boxes"
+        )
     if args.ultralytics:
         _export_ultralytics(done.pytorch, args.ultralytics)
     return 0
