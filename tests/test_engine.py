@@ -209,6 +209,7 @@ def test_non_finite_losses_are_skipped_then_stop_training():
 
 
 @pytest.mark.ddp
+@pytest.mark.slow  # the distillation DDP test below trains, evaluates and saves under torchrun too
 def test_ddp_two_cpu_processes_train_and_evaluate(tiny_digits, tmp_path):
     config = tiny_config(tiny_digits, tmp_path / "ddp", steps=4, eval_every=4, batch_size=2)
     from pkd.config import save_config
@@ -262,6 +263,8 @@ def test_ddp_distillation_with_connectors(teacher_run, tiny_digits, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     checkpoint = load_checkpoint(tmp_path / "ddp" / "last.pt")
     assert checkpoint["state"]["step"] == 2 and checkpoint["connectors"]
+    assert [r["step"] for r in read_metrics(tmp_path / "ddp") if r["type"] == "val"] == [2]  # evaluated on both ranks
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["steps"] == 2
 
 
 class StopTrial(Exception):
