@@ -35,6 +35,16 @@ from PIL import Image
 
 from pkd.data.digits import DigitsDataset, make_digits_dataset
 
+#: Python source that makes every socket connection fail: put before a subprocess script that must
+#: work offline (the family tests build, train and save detectors under it).
+NO_NETWORK = """import socket
+def refuse(*args, **kwargs):
+    raise OSError("network disabled in this test")
+socket.socket.connect = refuse
+socket.create_connection = refuse
+socket.getaddrinfo = refuse
+"""
+
 
 @pytest.fixture(scope="session")
 def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsDataset:

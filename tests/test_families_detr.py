@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import NO_NETWORK
 
 pytest.importorskip("transformers")
 
@@ -293,14 +294,9 @@ def test_pair_distils_with_connectors_and_paired_features():
 
 def test_nothing_reaches_the_network(tmp_path):
     """Build, train a step, evaluate, save and reload a DETR with every socket refused."""
-    script = textwrap.dedent(
+    script = NO_NETWORK + textwrap.dedent(
         """
-        import socket, sys
-        def refuse(*args, **kwargs):
-            raise OSError("network disabled in this test")
-        socket.socket.connect = refuse
-        socket.create_connection = refuse
-        socket.getaddrinfo = refuse
+        import sys
         import torch
         from pkd.models import build_detector
         tiny = {"encoder_hidden_dim": 32, "d_model": 32, "decoder_layers": 2, "num_queries": 10, "num_denoising": 4}

@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import NO_NETWORK
 
 pytest.importorskip("ultralytics")
 
@@ -189,14 +190,9 @@ def test_pkd_distill_config_yolo11_to_yolo26_then_export(yolo_teacher, tiny_digi
 
 def test_nothing_reaches_the_network(tmp_path):
     """Build, train a step, evaluate and save a YOLO model with every socket refused, settings in a pkd folder."""
-    script = textwrap.dedent(
+    script = NO_NETWORK + textwrap.dedent(
         """
-        import json, socket, sys
-        def refuse(*args, **kwargs):
-            raise OSError("network disabled in this test")
-        socket.socket.connect = refuse
-        socket.create_connection = refuse
-        socket.getaddrinfo = refuse
+        import json, sys
         import torch
         from pkd.models import build_detector
         from pkd.families.yolo import save_ultralytics
