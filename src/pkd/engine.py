@@ -159,12 +159,13 @@ def train_one_epoch(
         state: updated in place (also ``skipped_samples``: images that failed to load).
         max_steps: stop when ``state.step`` reaches it.
         after_step: called after each step (to log, evaluate, save); returning True stops the
-            epoch. It may leave the model in eval mode: training mode is set again before the next step.
+            epoch. One that evaluates puts the model back in training mode.
         **step_options: :func:`train_step`'s keyword arguments (scheduler, scaler, ...).
 
     Returns:
         ``state``.
     """
+    model.train()
     state.epoch = epoch
     for images, targets, skipped in data_loader:
         if max_steps is not None and state.step >= max_steps:
@@ -172,7 +173,6 @@ def train_one_epoch(
         state.skipped_samples += skipped
         if not images:  # every image of the batch failed to load
             continue
-        model.train()
         train_step(model, optimizer, images, targets, device, state=state, **step_options)
         if after_step is not None and after_step(state):
             break
@@ -403,6 +403,7 @@ def fit(
                 if evaluated and "val" in eval_loaders:
                     # The bare module: evaluation batches differ across ranks, DDP's forward must not sync.
                     metrics = evaluate(trained, eval_loaders["val"], device, progress=progress)
+                    model.train()
                     if info.is_main and (state.best_metric is None or metrics["mAP"] > state.best_metric):
                         state.best_metric, state.best_step, is_best = metrics["mAP"], state.step, True
                     log.evaluation("val", state, metrics)
