@@ -10,6 +10,8 @@ the embedded digits dataset.
 - :func:`make_digits_dataset`, :func:`preview` (``digits.py``): handwritten digits on
   photographs, generated from data that scikit-learn and scikit-image ship; one image is
   rendered by ``digit_images.py``.
+- :func:`write_yolo_dataset` (``yolo_format.py``): COCO splits in the layout Ultralytics'
+  trainer reads (images linked, not copied).
 """
 
 from pkd.data.check import Problem, check_data_main, check_dataset, format_problems
@@ -17,6 +19,7 @@ from pkd.data.coco import CocoDetection, collate
 from pkd.data.digits import DigitsDataset, make_digits_dataset, preview
 from pkd.data.sampler import GroupedBatchSampler, ShardSampler, build_loader, group_by_aspect_ratio, set_epoch
 from pkd.data.transforms import eval_transforms, train_transforms
+from pkd.data.yolo_format import write_yolo_dataset
 
 __all__ = [
     "CocoDetection",
@@ -35,4 +38,5 @@ __all__ = [
     "preview",
     "set_epoch",
     "train_transforms",
+    "write_yolo_dataset",
 ]
