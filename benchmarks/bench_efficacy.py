@@ -44,17 +44,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import multiprocessing
 import platform
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 from pkd.config import config_to_dict
 from pkd.demo import (
+    StudentRun,
     demo_dataset,
     demo_teacher,
     first_step_reaching,
@@ -62,7 +61,7 @@ from pkd.demo import (
     run_name,
     student_config,
     student_run_dir,
-    train_student,
+    train_students,
 )
 from pkd.metrics_log import validation_curve
 from pkd.tune import SAMPLERS, tune
@@ -81,42 +80,6 @@ def mean_std(values: list[float], signed: bool = False) -> str:
     if len(values) == 1:
         return f"{values[0]:{sign}.3f}"
     return f"{statistics.mean(values):{sign}.3f} ± {statistics.stdev(values):.3f}"
-
-
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-def _train(
-    settings, digits, run_dir: Path, distill: dict | None, params: dict, seed: int, teacher: Path, progress
-) -> None:
-    """One student run (pickled to a worker process with ``--jobs``)."""
-    label = f"{run_dir.name}, seed {seed}"
-    train_student(
-        settings,
-        digits,
-        run_dir,
-        seed=seed,
-        distill=distill,
-        teacher=teacher,
-        params=params,
-        label=label,
-        progress=progress,
-    )
-
-
-def train_all(tasks: list[tuple[Path, dict | None, dict, int]], settings, digits, teacher: Path, jobs: int) -> None:
-    """Trains ``(run_dir, distill, params, seed)`` runs, ``jobs`` at a time (finished runs are reused)."""
-    if jobs <= 1:
-        for task in tasks:
-            _train(settings, digits, *task, teacher, progress=None)
-        return
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no threads or CUDA state inherited
-    # No progress bars: the lines of several runs interleave; each line names its run.
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_one_thread) as pool:
-        futures = [pool.submit(_train, settings, digits, *task, teacher, False) for task in tasks]
-        for future in futures:
-            future.result()  # re-raises a failed run's error here
 
 
 def tuned_name(distill: dict | None, params: dict) -> str:
@@ -267,12 +230,13 @@ def main() -> None:
                 f"| {method} | {states.count('COMPLETE')} / {states.count('PRUNED')} | {study.best['val_mAP']:.3f} "
                 f"| {values} | `{study.folder}` |"
             )
-    tasks = [
-        (run_dir_of(method, chosen[method], seed), *split_params(bases[method], chosen[method]), seed)
+    runs = [
+        StudentRun(run_dir_of(method, chosen[method], seed), *split_params(bases[method], chosen[method]), seed, label)
         for seed in args.seeds
         for method in methods
+        for label in [f"{run_dir_of(method, chosen[method], seed).name}, seed {seed}"]
     ]
-    train_all(tasks, settings, digits, teacher, args.jobs)
+    train_students(settings, digits, teacher, runs, jobs=args.jobs, progress=None)
     results = {method: [run(run_dir_of(method, chosen[method], seed)) for seed in args.seeds] for method in methods}
     labels = {
         method: f"{method} {format_values(*split_params(bases[method], chosen[method]))}".strip() for method in methods

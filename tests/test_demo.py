@@ -12,7 +12,8 @@ from pkd.metrics_log import validation_curve
 def quick_demo(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("demo")
     messages = []
-    report = run_demo("quick", workdir, progress=False, log=messages.append)
+    # Two students at a time, whatever the machine: the worker processes are what this tests.
+    report = run_demo("quick", workdir, jobs=2, progress=False, log=messages.append)
     return workdir, report, messages
 
 
@@ -33,6 +34,7 @@ def test_quick_demo_writes_the_report_table_and_plot(quick_demo):
     distill = json.loads((runs / names[2] / "results.json").read_text())
     assert distill["steps"] == PRESETS["quick"].student_train["steps"]
     assert any(f"teacher: {PRESETS['quick'].teacher['name']}" in m for m in messages)
+    assert any("4 runs, 2 at a time" in m for m in messages)
     assert set(report.stage_times_s) == {"dataset", "teacher", "students", "report"}
     assert "Wall time of this `pkd demo` call" in text and "students" in text
     assert "reaches alone's final val mAP" in text

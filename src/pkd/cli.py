@@ -265,7 +265,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pkd.demo import run_demo
 
     preset = "quick" if args.quick else "full" if args.full else "scratch" if args.scratch else args.preset
-    report = run_demo(preset, args.workdir, teacher=args.teacher, seed=args.seed, progress=args.progress)
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
+    report = run_demo(
+        preset, args.workdir, teacher=args.teacher, seed=args.seed, jobs=args.jobs, progress=args.progress
+    )
     print(f"\n{report.table()}\n")
     print(f"report: {report.report}\nplot:   {report.plot}\nwall time: {report.wall_time_s / 60:.1f} min")
     return 0
@@ -402,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path("demo"), help="dataset, runs and report (default ./demo)")
     demo.add_argument("--teacher", type=Path, help="use this pkd checkpoint as the teacher instead of training one")
     demo.add_argument("--seed", type=int, default=0, help="seed of the student runs")
+    demo.add_argument(
+        "--jobs", type=int, help="students trained at a time (default 2 on 2+ cores, each with half the threads)"
+    )
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bars")
     demo.set_defaults(handler=cmd_demo)
 

@@ -15,6 +15,11 @@ regimes can be compared.
 Every run is an ordinary pkd run folder under ``<workdir>/runs/<preset>/``: interrupted runs
 resume, finished runs are reused, and any of them can be rerun or inspected with the ``pkd``
 commands and the ``config.yaml`` it holds.
+
+The four students do not depend on each other: on a machine with two or more cores they train
+two at a time (``jobs``), each in its own process with half the cores' threads
+(:func:`pkd.runtime.worker_pool`), which finishes them sooner than one after the other with every
+thread; the teacher trains first, with every thread.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from pkd.demo_presets import PRESETS, Preset, get_preset
 
@@ -41,6 +46,7 @@ __all__ = [
     "student_config",
     "student_run_dir",
     "train_student",
+    "train_students",
 ]
 
 
@@ -77,13 +83,18 @@ def _same_config(run_dir: Path, config) -> bool:
     return saved.is_file() and not config_changes(config_to_dict(load_config(saved)), config_to_dict(config))
 
 
+def _finished(run_dir: Path, config) -> bool:
+    """Whether ``run_dir`` holds this exact run, finished."""
+    return _same_config(run_dir, config) and (run_dir / "results.json").is_file()
+
+
 def _run(run_dir: Path, config, label: str, progress: bool | None, log: Callable[[str], None]) -> None:
     """Trains unless this exact run is finished; resumes an interrupted one; restarts a changed one."""
     from pkd.engine import fit
     from pkd.plots import plot_run
 
     same = _same_config(run_dir, config)
-    if same and (run_dir / "results.json").is_file():
+    if _finished(run_dir, config):
         log(f"      {label}: reusing {run_dir}")
         return
     if same and (run_dir / "last.pt").is_file():
@@ -248,12 +259,81 @@ def train_student(
     return run_dir
 
 
+class StudentRun(NamedTuple):
+    """One student run of a preset: its folder, distill section (None: alone), ``{key: value}`` changes, seed."""
+
+    run_dir: Path
+    distill: dict[str, Any] | None
+    params: dict[str, Any] | None
+    seed: int
+    label: str = "student"
+
+
+def default_jobs() -> int:
+    """Student runs at a time: two where there are two cores or more."""
+    from pkd.runtime import usable_cores
+
+    return 2 if usable_cores() >= 2 else 1
+
+
+def train_students(
+    settings: Preset,
+    digits,
+    teacher: str | Path | None,
+    runs: list[StudentRun],
+    *,
+    jobs: int = 1,
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    """Trains student runs of the preset, ``jobs`` at a time; finished runs are reused.
+
+    With ``jobs > 1`` each run trains in a worker process with ``cores // jobs`` threads and
+    reports by lines that name it (no progress bars: several runs' bars would interleave).
+    A run's numbers depend in their last digits on its thread count, which changes the order
+    of floating-point sums.
+
+    Raises:
+        Whatever a run raised (the first failed run's error, after the others finished).
+    """
+    todo = []
+    for run in runs:
+        config = student_config(
+            settings, digits, run.run_dir, seed=run.seed, distill=run.distill, teacher=teacher, params=run.params
+        )
+        if _finished(run.run_dir, config):
+            log(f"      {run.label}: reusing {run.run_dir}")
+        else:
+            todo.append(run)
+    options = dict(teacher=teacher)
+    if jobs <= 1 or len(todo) <= 1:
+        for run in todo:
+            train_student(settings, digits, run.run_dir, **options, **_keywords(run), progress=progress, log=log)
+        return
+    from pkd.runtime import usable_cores, worker_pool
+
+    threads = max(1, usable_cores() // jobs)
+    log(f"      {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
+    with worker_pool(min(jobs, len(todo)), threads) as pool:
+        futures = [
+            pool.submit(train_student, settings, digits, run.run_dir, **options, **_keywords(run), progress=False)
+            for run in todo
+        ]
+        for future in futures:
+            future.result()  # re-raises a failed run's error here
+
+
+def _keywords(run: StudentRun) -> dict[str, Any]:
+    return dict(seed=run.seed, distill=run.distill, params=run.params, label=run.label)
+
+
 def run_demo(
     preset: str = "default",
     workdir: str | Path = "demo",
     *,
     teacher: str | Path | None = None,
     seed: int = 0,
+    jobs: int | None = None,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> DemoReport:
@@ -264,6 +344,7 @@ def run_demo(
         workdir: folder for the dataset, the runs and the report (reused by later calls).
         teacher: a pkd checkpoint to use as the teacher instead of training one.
         seed: seed of the student runs (the same for all).
+        jobs: students trained at a time (default :func:`default_jobs`: 2 on two cores or more).
         progress: progress bars (default: when stderr is a terminal).
         log: where stage messages go.
 
@@ -296,22 +377,11 @@ def run_demo(
     steps = settings.student_train["steps"]
     losses = ", ".join(f"+ {name.upper()}" for name in settings.distill)
     log(f"[3/4] students: {settings.student['name']} alone, {losses} ({steps} steps each)")
-    run_dirs = {}
-    for name in ("alone", *settings.distill):
-        distill = settings.distill.get(name)
-        run_dir = student_run_dir(workdir, preset, run_name(distill), seed)
-        train_student(
-            settings,
-            digits,
-            run_dir,
-            seed=seed,
-            distill=distill,
-            teacher=teacher,
-            progress=progress,
-            log=log,
-            label=RUN_LABELS[name],
-        )
-        run_dirs[name] = run_dir
+    names = ("alone", *settings.distill)
+    run_dirs = {name: student_run_dir(workdir, preset, run_name(settings.distill.get(name)), seed) for name in names}
+    runs = [StudentRun(run_dirs[name], settings.distill.get(name), None, seed, RUN_LABELS[name]) for name in names]
+    jobs = default_jobs() if jobs is None else jobs
+    train_students(settings, digits, teacher, runs, jobs=jobs, progress=progress, log=log)
 
     stage_done("students")
     log("[4/4] report: test-split mAP, parameters, inference time")

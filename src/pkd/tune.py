@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import csv
 import math
-import multiprocessing
-import os
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +36,7 @@ import yaml
 from pkd.config import Config, ConfigError, config_from_dict, config_to_dict
 from pkd.io import atomic_path
 from pkd.metrics_log import METRICS_FILE, validation_curve
+from pkd.runtime import worker_pool
 from pkd.search_space import (
     Param,
     base_values,
@@ -216,6 +214,7 @@ def _work(
 ) -> None:
     """One worker: runs ``n_trials`` trials of the study in ``folder`` (in this process)."""
     import optuna
+    from optuna.storages.journal import JournalFileOpenLock
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a trial's end is one [tune] line; errors re-raise
     if one_thread:
@@ -228,6 +227,18 @@ def _work(
         sampler=_sampler(sampler, space, trials=trials, grid_points=grid_points, seed=seed),
         pruner=_pruner(config, prune),
     )
+    # SQLite has no row locks: two workers asking at once can both pop the same queued trial (the
+    # config's own values, a retried one) and both train it (optuna/optuna#4621). Asks take turns.
+    ask, lock = study.ask, JournalFileOpenLock(str(folder / "ask.lock"))
+
+    def ask_in_turn(*args, **kwargs):
+        lock.acquire()
+        try:
+            return ask(*args, **kwargs)
+        finally:
+            lock.release()
+
+    study.ask = ask_in_turn
     # The table, plot and best.yaml follow the study as it goes, not only at its end.
     write = lambda study, trial: _write_outputs(study, config, space, folder)  # noqa: E731
     study.optimize(lambda trial: _objective(trial, config, space, folder, prune), n_trials=n_trials, callbacks=[write])
@@ -345,9 +356,7 @@ def tune(
         if len(shares) == 1 and jobs == 1:
             _work(folder, config, searched, shares[0], seed=start_seed, one_thread=False, **options)
         elif shares:
-            # spawn: a fresh interpreter per worker, no threads or CUDA state inherited.
-            context = multiprocessing.get_context("spawn")
-            with _one_thread_env(), ProcessPoolExecutor(len(shares), mp_context=context) as pool:
+            with worker_pool(len(shares)) as pool:
                 futures = [
                     pool.submit(_work, folder, config, searched, n, seed=start_seed + k, one_thread=True, **options)
                     for k, n in enumerate(shares)
@@ -371,23 +380,6 @@ def _default_weight(config: Config) -> float:
     train = CocoDetection(config.data.train.annotations, config.data.train.images)
     teacher, _ = build_model(config.teacher, num_classes=train.num_classes)
     return default_weight(teacher)
-
-
-class _one_thread_env:
-    """OMP/MKL threads = 1 for the worker processes spawned inside (they read it at start)."""
-
-    names = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-    def __enter__(self):
-        self.saved = {name: os.environ.get(name) for name in self.names}
-        os.environ.update(dict.fromkeys(self.names, "1"))
-
-    def __exit__(self, *exc_info):
-        for name, value in self.saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _rows(study, space: dict[str, Param]) -> list[dict[str, Any]]:
