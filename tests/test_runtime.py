@@ -2,8 +2,10 @@
 
 import ctypes.util
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -53,3 +55,41 @@ def test_worker_pool_gives_each_worker_its_threads_and_restores_the_environment(
 
 def test_usable_cores():
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+_STOPPED_BY_SIGTERM = """
+import os, sys, time
+from pathlib import Path
+from pkd.runtime import worker_pool
+
+def nap(folder, name):
+    (Path(folder) / (name + ".began")).write_text(str(os.getpid()))
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:
+        (Path(folder) / (name + ".interrupted")).write_text("")
+        raise
+
+if __name__ == "__main__":
+    with worker_pool(1) as pool:
+        futures = [pool.submit(nap, sys.argv[1], "first"), pool.submit(nap, sys.argv[1], "queued")]
+        futures[0].result()
+"""
+
+
+def test_sigterm_reaches_the_workers_and_queued_work_never_starts(tmp_path):
+    script = tmp_path / "stop.py"
+    script.write_text(_STOPPED_BY_SIGTERM)
+    parent = subprocess.Popen([sys.executable, str(script), str(tmp_path)])
+    began = tmp_path / "first.began"
+    deadline = time.monotonic() + 60
+    while not began.is_file() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert began.is_file(), "the worker never started"
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=60) != 0
+    assert (tmp_path / "first.interrupted").is_file()  # the worker's run saw a Ctrl-C: it could save and stop
+    assert not (tmp_path / "queued.began").exists()
+    worker = int(began.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)  # no orphan left running

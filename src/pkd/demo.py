@@ -294,7 +294,8 @@ def train_students(
     of floating-point sums.
 
     Raises:
-        Whatever a run raised (the first failed run's error, after the others finished).
+        Whatever a run raised (the first failed run's error, after the running ones finished;
+        queued runs do not start).
     """
     todo = []
     for run in runs:

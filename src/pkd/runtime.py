@@ -18,11 +18,13 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
-__all__ = ["TUNED_MALLOC", "mallopt", "tune_malloc", "usable_cores", "worker_pool"]
+__all__ = ["TUNED_MALLOC", "WorkerPool", "mallopt", "tune_malloc", "usable_cores", "worker_pool"]
 
 # mallopt parameter numbers from glibc's <malloc.h>.
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
@@ -75,34 +77,79 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def _set_threads(threads: int) -> None:
+_stopping = None  # in a worker: the pool's "stop" event (set by the process that made the pool)
+
+
+def _start_worker(threads: int, stopping) -> None:
     import torch
 
+    global _stopping
+    _stopping = stopping
     torch.set_num_threads(threads)
 
 
+def _unless_stopping(function, args, kwargs):
+    if _stopping is not None and _stopping.is_set():
+        raise RuntimeError("not started: the pool was stopping")
+    return function(*args, **kwargs)
+
+
+class WorkerPool:
+    """What :func:`worker_pool` yields: ``submit(function, *args, **kwargs)`` -> a Future."""
+
+    def __init__(self, executor: ProcessPoolExecutor) -> None:
+        self.executor = executor
+
+    def submit(self, function, /, *args, **kwargs):
+        return self.executor.submit(_unless_stopping, function, args, kwargs)
+
+
 @contextmanager
-def worker_pool(jobs: int, threads: int = 1) -> Iterator[ProcessPoolExecutor]:
+def worker_pool(jobs: int, threads: int = 1) -> Iterator[WorkerPool]:
     """``jobs`` worker processes of ``threads`` threads each, for runs that do not depend on each other.
 
     The workers are spawned, not forked: a fresh interpreter inherits no threads and no CUDA
     state. Each starts when work is first submitted to it and reads OMP/MKL's thread variables
     then, so they stay set to ``threads`` for the whole ``with`` block (and are restored after).
 
+    Stopping: Ctrl-C reaches the whole process group, so every worker's run saves its checkpoint
+    and stops; ``kill PID`` (SIGTERM) reaches this process only, so inside the block it is passed
+    on to the workers as SIGINT. When the block ends by an exception, work not yet started never
+    starts (a stopped study or demo must not go on training its queued runs) and the running work
+    is waited for.
+
     Args:
         jobs: Number of worker processes.
         threads: PyTorch (and OpenMP / MKL) threads in each.
 
     Yields:
-        The executor: ``pool.submit(function, *args)`` with picklable functions and arguments.
+        The pool: ``pool.submit(function, *args)`` with picklable functions and arguments.
     """
+    context = multiprocessing.get_context("spawn")
+    stopping = context.Event()  # given to the workers at their start: events cannot travel with the work
+
+    def interrupt_workers(signum, frame) -> None:
+        stopping.set()
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGINT)
+        raise KeyboardInterrupt
+
     saved = {name: os.environ.get(name) for name in _THREAD_VARIABLES}
     os.environ.update(dict.fromkeys(_THREAD_VARIABLES, str(threads)))
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, interrupt_workers) if main_thread else None
+    executor = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(threads, stopping))
     try:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,)) as pool:
-            yield pool
+        yield WorkerPool(executor)
+    except BaseException:
+        stopping.set()
+        executor.shutdown(wait=True, cancel_futures=True)
+        raise
+    else:
+        executor.shutdown(wait=True)
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)
