@@ -30,12 +30,13 @@ extended (a larger ``--tune``) without redoing what is done.
                                                              # the earlier weight sweep: preset x 1/4 ... 4
     python benchmarks/bench_efficacy.py --preset scratch     # the random-init regime
     python benchmarks/bench_efficacy.py --pairing index      # the reference's level pairing
-    python benchmarks/bench_efficacy.py --jobs 2             # two runs at a time, one thread each
+    python benchmarks/bench_efficacy.py --jobs 2             # two runs at a time (one thread each on 2 cores)
 
 With ``--jobs N`` the runs that do not depend on each other (the trials of a study, the runs
 of the student alone, the chosen values on every seed) train N at a time, each in its own
-process with one thread: on 2 cores two one-thread runs finish 1.4x sooner than the same runs
-one after the other with two threads. A run's numbers depend (in the last digits) on its
+process (a study's trials with one thread, the other runs with cores / N threads, as
+``pkd demo`` trains its students): on 2 cores two one-thread runs finish 1.4x sooner than the
+same runs one after the other with two threads. A run's numbers depend (in the last digits) on its
 thread count, which changes the order of floating-point sums.
 """
 
@@ -64,6 +65,7 @@ from pkd.demo import (
     train_students,
 )
 from pkd.metrics_log import validation_curve
+from pkd.runtime import usable_cores
 from pkd.tune import SAMPLERS, tune
 
 FRACTIONS = (0.25, 0.5, 0.75, 1.0)
@@ -167,7 +169,7 @@ def main() -> None:
     parser.add_argument("--pairing", default="stride", choices=("stride", "index"))
     parser.add_argument("--teacher", type=Path, help="teacher checkpoint (default: the preset's teacher)")
     parser.add_argument("--calibrate", action="store_true", help="only print the losses at initialisation")
-    parser.add_argument("--jobs", type=int, default=1, help="runs trained at a time, one thread each (default 1)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained at a time (default 1)")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
@@ -246,7 +248,7 @@ def main() -> None:
     print(f"\npreset {args.preset}: {settings.description}")
     print(f"teacher {teacher}; student {settings.student['name']}, {total} steps; pairing {args.pairing}")
     machine = platform.processor() or platform.machine()
-    threads = 1 if args.jobs > 1 else torch.get_num_threads()
+    threads = max(1, usable_cores() // args.jobs) if args.jobs > 1 else torch.get_num_threads()
     runs_at = f"{threads} thread(s) per run, {args.jobs} at a time"
     print(f"seeds {args.seeds}; torch {torch.__version__}, {runs_at}, {machine}\n")
     if tune_rows:
