@@ -84,6 +84,15 @@ COCO_IMAGES = {
 }
 
 
+def assert_png(path: Path, min_size=(300, 200), max_size=(4000, 3000)) -> None:
+    """``path`` is a PNG that PIL opens, of a size between ``min_size`` and ``max_size`` (width, height)."""
+    assert path.is_file() and path.stat().st_size > 1000
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        width, height = image.size
+    assert min_size[0] <= width <= max_size[0] and min_size[1] <= height <= max_size[1]
+
+
 def image_pixels(mode: str, size: tuple[int, int]) -> Image.Image:
     """A deterministic test picture of the given PIL mode and (width, height)."""
     width, height = size

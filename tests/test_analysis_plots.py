@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from PIL import Image
+from conftest import assert_png
 
 from pkd.analysis import analyze
 from pkd.analysis_plots import (
@@ -23,14 +23,6 @@ def analysis():
     teacher = {stage: 3 * x + torch.randn(x.shape, generator=generator) for stage, x in student.items()}
     teacher["stride 32"] = 40 * teacher["stride 32"]
     return analyze([(student, teacher)])
-
-
-def assert_png(path, min_size=(300, 200), max_size=(4000, 3000)):
-    assert path.is_file() and path.stat().st_size > 1000
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        width, height = image.size
-    assert min_size[0] <= width <= max_size[0] and min_size[1] <= height <= max_size[1]
 
 
 @pytest.mark.parametrize(

@@ -3,17 +3,9 @@
 import json
 
 import pytest
-from PIL import Image
+from conftest import assert_png
 
 from pkd.plots import panel_grid, plot_run, plot_runs
-
-
-def assert_png(path, min_size=(300, 200), max_size=(4000, 3000)):
-    assert path.is_file() and path.stat().st_size > 1000
-    with Image.open(path) as image:
-        assert image.format == "PNG"
-        width, height = image.size
-    assert min_size[0] <= width <= max_size[0] and min_size[1] <= height <= max_size[1]
 
 
 def test_panel_grid_hides_the_unused_cells():
