@@ -32,10 +32,7 @@ import argparse
 import hashlib
 import itertools
 import json
-import multiprocessing
-import os
 import statistics
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -44,6 +41,7 @@ from pkd.cli import main as pkd_main
 from pkd.config import config_from_dict, config_to_dict, save_config
 from pkd.data.yolo_format import write_yolo_dataset
 from pkd.demo import demo_dataset, get_preset, student_config
+from pkd.runtime import worker_pool
 
 
 def yolo_data(settings, digits, workdir: Path) -> Path:
@@ -54,13 +52,6 @@ def yolo_data(settings, digits, workdir: Path) -> Path:
         splits = {split: (digits.annotations[split], digits.images[split]) for split in ("train", "val", "test")}
         write_yolo_dataset(splits, out)
     return data_yaml
-
-
-def _one_thread() -> None:
-    import torch
-
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
 
 
 def train_ultralytics(data_yaml: Path, run_dir: Path, student: str, arguments: dict) -> Path:
@@ -98,10 +89,6 @@ def run_one(settings, digits, data_yaml: Path, run_dir: Path, student: str, argu
     return {split: pkd_map(settings, digits, best, student, split) for split in ("val", "test")}
 
 
-def _value(text: str):
-    return yaml.safe_load(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="yolo", help="demo preset whose data and sizes are used (default yolo)")
@@ -133,7 +120,7 @@ def main() -> None:
         key, sep, text = item.partition("=")
         if not sep:
             parser.error(f"--set {item}: expected KEY=VALUE")
-        extra[key] = _value(text)
+        extra[key] = yaml.safe_load(text)
     base = {"epochs": epochs, "batch": batch, "imgsz": args.imgsz or settings.sizes["eval_size"], **extra}
     tag = hashlib.sha1(json.dumps(base, sort_keys=True).encode()).hexdigest()[:6]
     root = Path(args.workdir) / "runs" / args.preset / f"ultralytics_{args.student}_{tag}"
@@ -159,8 +146,7 @@ def main() -> None:
         ]
         if args.jobs <= 1:
             return [run_one(*call) for call in calls]
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_one_thread) as pool:
+        with worker_pool(args.jobs) as pool:
             return [future.result() for future in [pool.submit(run_one, *call) for call in calls]]
 
     chosen = grid[0]

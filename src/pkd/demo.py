@@ -94,7 +94,7 @@ def _run(run_dir: Path, config, label: str, progress: bool | None, log: Callable
     from pkd.plots import plot_run
 
     same = _same_config(run_dir, config)
-    if _finished(run_dir, config):
+    if same and (run_dir / "results.json").is_file():
         log(f"      {label}: reusing {run_dir}")
         return
     if same and (run_dir / "last.pt").is_file():
@@ -306,10 +306,9 @@ def train_students(
             log(f"      {run.label}: reusing {run.run_dir}")
         else:
             todo.append(run)
-    options = dict(teacher=teacher)
     if jobs <= 1 or len(todo) <= 1:
         for run in todo:
-            train_student(settings, digits, run.run_dir, **options, **_keywords(run), progress=progress, log=log)
+            train_student(settings, digits, run.run_dir, teacher=teacher, **_keywords(run), progress=progress, log=log)
         return
     from pkd.runtime import usable_cores, worker_pool
 
@@ -317,7 +316,7 @@ def train_students(
     log(f"      {len(todo)} runs, {jobs} at a time, {threads} thread(s) each")
     with worker_pool(min(jobs, len(todo)), threads) as pool:
         futures = [
-            pool.submit(train_student, settings, digits, run.run_dir, **options, **_keywords(run), progress=False)
+            pool.submit(train_student, settings, digits, run.run_dir, teacher=teacher, **_keywords(run), progress=False)
             for run in todo
         ]
         for future in futures:
