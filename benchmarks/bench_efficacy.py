@@ -24,6 +24,8 @@ and each method's study in ``tune_<method>[-<space>]/tune/``: finished runs and 
 reused and interrupted ones resumed, so ``pkd demo`` counts as seed 0 and a study can be
 extended (a larger ``--tune``) without redoing what is done.
 
+    python benchmarks/bench_efficacy.py --seeds 2 3 4 --use alone:train.lr=2.09e-4 --use pkd:train.lr=3.09e-4 \\
+        --use pkd:distill.weight=101.8                       # more seeds at the values an earlier --tune chose
     python benchmarks/bench_efficacy.py --calibrate          # each loss at init, and the weights equal to PKD's
     python benchmarks/bench_efficacy.py --tune 12 --jobs 2   # tune each method on seed 0, then seeds 0 1 2
     python benchmarks/bench_efficacy.py --tune 5 --sampler grid --grid-points 5 --space distill.weight=around
@@ -51,6 +53,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from pkd.config import config_to_dict
 from pkd.demo import (
@@ -64,6 +67,7 @@ from pkd.demo import (
     student_run_dir,
     train_students,
 )
+from pkd.demo_presets import PRESETS
 from pkd.metrics_log import validation_curve
 from pkd.runtime import usable_cores
 from pkd.tune import SAMPLERS, tune
@@ -151,15 +155,37 @@ def format_values(distill: dict | None, params: dict) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
 
 
+def parse_use(items: list[str], methods: list[str], error) -> list[tuple[str, str, object]]:
+    """``pkd:distill.weight=101.8`` -> ``("pkd", "distill.weight", 101.8)``; ``error(message)`` on a bad item."""
+    parsed = []
+    for item in items:
+        method, sep, rest = item.partition(":")
+        key, eq, text = rest.partition("=")
+        if not (sep and eq and key and text):
+            error(f"--use {item!r}: expected METHOD:KEY=VALUE, e.g. pkd:distill.weight=101.8")
+        if method not in methods:
+            error(f"--use {item!r}: method {method!r} is not one of {', '.join(methods)}")
+        if method == "alone" and key.startswith("distill."):
+            error(f"--use {item!r}: the student alone has no distill section")
+        parsed.append((method, key, yaml.safe_load(text)))
+    return parsed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--preset", default="default", help="demo preset (quick, default, full, retinanet, yolo, scratch)"
-    )
+    parser.add_argument("--preset", default="default", help=f"demo preset ({', '.join(PRESETS)})")
     parser.add_argument("--workdir", type=Path, default=Path("demo"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tune", type=int, metavar="N", help="tune each method with pkd tune: N trials")
     parser.add_argument("--tune-seed", type=int, default=0, help="seed of the tuning trials (default 0)")
+    parser.add_argument(
+        "--use",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE",
+        help="train METHOD with this value instead of tuning it, e.g. the values an earlier --tune chose "
+        "(pkd:distill.weight=101.8); not with --tune",
+    )
     parser.add_argument(
         "--space", action="append", default=[], metavar="KEY=SPEC", help="pkd tune's --space (default: lr and weight)"
     )
@@ -173,9 +199,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.tune and args.use:
+        parser.error("--use gives the values --tune would choose: use one or the other")
 
     started = time.time()
     settings = get_preset(args.preset)
+    uses = parse_use(args.use, ["alone", *(args.losses or settings.distill)], parser.error)  # before any training
     digits = demo_dataset(settings, args.workdir)
     teacher = demo_teacher(settings, digits, args.workdir, teacher=args.teacher)
     if args.calibrate:
@@ -199,6 +228,12 @@ def main() -> None:
 
     # Each method's own values, chosen by the same rule: pkd tune's best validation mAP on --tune-seed.
     chosen: dict[str, dict] = {method: {} for method in methods}
+    for method, key, value in uses:
+        config = student_config(settings, digits, args.workdir, seed=0, distill=bases[method], teacher=teacher)
+        if config_value(config, key) is None:
+            parser.error(f"--use {method}:{key}: {method}'s config has no key {key}")
+        if value != config_value(config, key):  # the preset's own values stay out of the run's name
+            chosen[method][key] = value
     tune_rows: list[str] = []
     if args.tune:
         custom = args.space or args.sampler != "tpe"

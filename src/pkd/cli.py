@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from pkd.demo_presets import PRESETS
+
 __all__ = ["main"]
 
 
@@ -400,9 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument(
         "--scratch", action="store_true", help="the earlier default: teacher and student from random init"
     )
-    size.add_argument(
-        "--preset", default="default", help="a preset by name (quick, default, full, retinanet, yolo, scratch)"
-    )
+    size.add_argument("--preset", default="default", help=f"a preset by name ({', '.join(PRESETS)})")
     demo.add_argument("--workdir", type=Path, default=Path("demo"), help="dataset, runs and report (default ./demo)")
     demo.add_argument("--teacher", type=Path, help="use this pkd checkpoint as the teacher instead of training one")
     demo.add_argument("--seed", type=int, default=0, help="seed of the student runs")
