@@ -125,7 +125,10 @@ def calibrate(settings, digits, teacher: Path, batches: int = 5, batch_size: int
         settings.student["name"], num_classes=train_set.num_classes, min_size=size, max_size=size, **student_settings
     )
     teacher_model, _ = load_detector(teacher)
-    distiller = Distiller(student, teacher_model, loss="pkd")
+    # The preset's connectors (1x1 convs where channel counts differ, e.g. YOLO), at their initialisation.
+    distiller = Distiller(
+        student, teacher_model, loss="pkd", connectors=settings.distill["pkd"].get("connectors", False)
+    )
     totals = {name: 0.0 for name in settings.distill}
     with torch.no_grad():
         for index in range(batches):

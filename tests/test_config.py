@@ -9,6 +9,7 @@ from pkd.config import (
     Config,
     ConfigError,
     apply_overrides,
+    config_changes,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -112,3 +113,22 @@ def test_docs_config_reference_matches_the_code():
 
     docs = Path(__file__).parents[1] / "docs" / "config.md"
     assert docs.read_text() == config_reference(), "regenerate docs/config.md from pkd.config.config_reference()"
+
+
+def test_config_changes_sees_one_file_in_a_relative_and_an_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    relative = {
+        "data": {"train": {"annotations": "demo/a.json", "images": "demo/img"}},
+        "model": {"weights": "DEFAULT"},
+    }
+    absolute = {"data": {"train": {"annotations": str(tmp_path / "demo/a.json"), "images": str(tmp_path / "demo/img")}}}
+    absolute["model"] = {"weights": "DEFAULT"}
+    assert config_changes(relative, absolute) == []
+    moved = {
+        "data": {"train": {"annotations": "/elsewhere/a.json", "images": "demo/img"}},
+        "model": {"weights": "DEFAULT"},
+    }
+    assert config_changes(relative, moved) == ["data.train.annotations: 'demo/a.json' -> '/elsewhere/a.json'"]
+    assert config_changes(relative, {**relative, "model": {"weights": "IMAGENET1K_V1"}}) == [
+        "model.weights: 'DEFAULT' -> 'IMAGENET1K_V1'"
+    ]

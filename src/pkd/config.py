@@ -15,6 +15,7 @@ allowed. The resolved config is saved next to each run as ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -386,8 +387,23 @@ def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Keys that name files: `demo/data/x.json` and `/home/me/demo/data/x.json` (from /home/me) are one file.
+_PATH_KEYS = (".annotations", ".images", ".weights")
+
+
+def _comparable(key: str, value: Any) -> Any:
+    if key.endswith(_PATH_KEYS) and isinstance(value, str) and ("/" in value or os.sep in value):
+        return os.path.abspath(value)  # relative to the working directory, as the run would open it
+    return value
+
+
 def config_changes(saved: dict, current: dict) -> list[str]:
-    """Differences between two plain configs that would change a run, as ``key: old -> new``."""
+    """Differences between two plain configs that would change a run, as ``key: old -> new``.
+
+    A file named by a relative path in one and an absolute path in the other (from the working
+    directory) is not a change.
+    """
     old, new = _flatten(saved), _flatten(current)
     keys = [k for k in dict.fromkeys([*old, *new]) if k not in _RESUMABLE_CHANGES]
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    changed = [k for k in keys if _comparable(k, old.get(k)) != _comparable(k, new.get(k))]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed]
