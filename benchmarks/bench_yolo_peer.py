@@ -13,17 +13,21 @@ the test split), so its row can stand in pkd's tables:
    because Ultralytics' trainer does not report to an Optuna trial);
 3. the chosen values on ``--seeds``: test mAP per seed, mean +- std.
 
-Ultralytics counts epochs, pkd steps: ``epochs = steps x batch / training images`` (2500 steps of
-batch 8 on the demo's 2000 images = 10 epochs). ``--set KEY=VALUE`` passes any other argument of
-Ultralytics' trainer (``warmup_epochs``, ``mosaic``, ``close_mosaic``, ``optimizer``, ...) and is
-part of the runs' folder name, so runs of other settings never mix. Finished runs are reused; an
+Ultralytics counts epochs, pkd steps: ``epochs = steps x batch / training images`` (the ``yolo``
+preset's 1250 student steps of batch 8 on the demo's 2000 images = 5 epochs; 2500 steps = 10).
+``--set KEY=VALUE`` passes any other argument of Ultralytics' trainer (``warmup_epochs``,
+``mosaic``, ``close_mosaic``, ``optimizer``, ...) and is part of the runs' folder name, so runs
+of other settings never mix. Finished runs are reused; an
 interrupted one resumes from its ``last.pt`` (Ultralytics' ``resume=True``).
 
     # the student alone, Ultralytics' defaults, 10 epochs:
     python benchmarks/bench_yolo_peer.py --workdir demo --steps 2500
-    # distilled from a pkd-trained YOLO11s written as an Ultralytics file (pkd export RUN --ultralytics T.pt):
-    python benchmarks/bench_yolo_peer.py --workdir demo --steps 2500 --teacher T.pt --dis 1 6 24 --lr0 0.001 0.002 \\
-        --set warmup_epochs=1 --jobs 2 --seeds 0 1 2
+    # the yolo preset's budget (5 epochs), stepping every batch, lr0 chosen on validation, 3 seeds:
+    python benchmarks/bench_yolo_peer.py --workdir demo --lr0 0.002 0.004 --set nbs=8 --set optimizer=AdamW \\
+        --set warmup_epochs=1 --seeds 0 1 2
+    # distilled from the preset's pkd-trained YOLO11s, written by `pkd export RUN --ultralytics T.pt`:
+    python benchmarks/bench_yolo_peer.py --workdir demo --lr0 0.002 --teacher T.pt --dis 1.5 6 24 --set nbs=8 \\
+        --set optimizer=AdamW --set warmup_epochs=1 --jobs 2 --seeds 0 1 2
 """
 
 from __future__ import annotations
