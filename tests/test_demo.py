@@ -118,3 +118,18 @@ def test_student_config_takes_tuned_values_on_top_of_the_preset(tmp_path):
         params={"train.lr": 5e-4, "distill.weight": 32.0},
     )
     assert (tuned.train.lr, tuned.distill.weight, tuned.train.seed, tuned.teacher.weights) == (5e-4, 32.0, 1, "t.pt")
+
+
+def test_the_report_names_the_fpn_width_only_where_the_preset_sets_one():
+    from pkd.demo import _student_text
+
+    assert _student_text(PRESETS["default"]) == "`fcos_timm_tf_efficientnet_lite0_fpn` (FPN 128), 400 steps of batch 8"
+    assert _student_text(PRESETS["yolo"]) == "`yolo11n`, 1250 steps of batch 8"  # YOLO has no FPN width to set
+
+
+def test_a_workdir_spelled_relative_or_absolute_is_one_demo(quick_demo, monkeypatch):
+    workdir, _, _ = quick_demo
+    monkeypatch.chdir(workdir.parent)
+    messages = []
+    run_demo("quick", workdir.name, progress=False, log=messages.append)  # first made with the absolute path
+    assert sum("reusing" in m for m in messages) == 5

@@ -426,6 +426,13 @@ def run_demo(
     return report
 
 
+def _student_text(settings: Preset) -> str:
+    """The students in the report: name, FPN width where the preset sets one (a YOLO has none), schedule."""
+    fpn = f" (FPN {settings.student['fpn_channels']})" if "fpn_channels" in settings.student else ""
+    train = settings.student_train
+    return f"`{settings.student['name']}`{fpn}, {train['steps']} steps of batch {train['batch_size']}"
+
+
 def _write_report(report: DemoReport, settings: Preset, run_dirs: dict[str, Path], teacher: Path) -> None:
     lines = [
         f"# pkd demo ({report.preset}): {settings.description}",
@@ -436,9 +443,7 @@ def _write_report(report: DemoReport, settings: Preset, run_dirs: dict[str, Path
         "",
         f"![validation mAP over training steps]({report.plot.name})",
         "",
-        f"Teacher: `{teacher}`. Students: `{settings.student['name']}` (FPN {settings.student['fpn_channels']}), "
-        f"{settings.student_train['steps']} steps of batch {settings.student_train['batch_size']}, "
-        "the same seed for all.",
+        f"Teacher: `{teacher}`. Students: {_student_text(settings)}, the same seed for all.",
         "",
         "Runs (each folder holds its config.yaml, metrics.jsonl, curves.png and checkpoints):",
         "",
