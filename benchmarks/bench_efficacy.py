@@ -152,6 +152,11 @@ def config_value(config, key: str):
     return node
 
 
+def off_preset(config, params: dict) -> dict:
+    """``params`` less the values ``config`` already has (kept out of run names: the demo's runs are reused)."""
+    return {key: value for key, value in params.items() if value != config_value(config, key)}
+
+
 def format_values(distill: dict | None, params: dict) -> str:
     """``w=64, lr=0.00025``: the weight and the other tuned values of a run."""
     values = ({"w": distill["weight"]} if distill else {}) | {k.rsplit(".", 1)[-1]: v for k, v in params.items()}
@@ -231,12 +236,14 @@ def main() -> None:
 
     # Each method's own values, chosen by the same rule: pkd tune's best validation mAP on --tune-seed.
     chosen: dict[str, dict] = {method: {} for method in methods}
-    for method, key, value in uses:
-        config = student_config(settings, digits, args.workdir, seed=0, distill=bases[method], teacher=teacher)
-        if config_value(config, key) is None:
-            parser.error(f"--use {method}:{key}: {method}'s config has no key {key}")
-        if value != config_value(config, key):  # the preset's own values stay out of the run's name
-            chosen[method][key] = value
+    for method in methods:
+        given = {key: value for m, key, value in uses if m == method}
+        if given:
+            config = student_config(settings, digits, args.workdir, seed=0, distill=bases[method], teacher=teacher)
+            for key in given:
+                if config_value(config, key) is None:
+                    parser.error(f"--use {method}:{key}: {method}'s config has no key {key}")
+            chosen[method] = off_preset(config, given)
     tune_rows: list[str] = []
     if args.tune:
         custom = args.space or args.sampler != "tpe"
@@ -262,8 +269,7 @@ def main() -> None:
             )
             if study.best is None:
                 raise SystemExit(f"no trial of {method} completed; see {study.csv}")
-            # Values equal to the preset's stay out of the run's name: the demo's runs are reused.
-            chosen[method] = {k: v for k, v in study.params().items() if v != config_value(config, k)}
+            chosen[method] = off_preset(config, study.params())
             states = [row["state"] for row in study.rows]
             values = format_values(*split_params(bases[method], study.params()))
             tune_rows.append(
