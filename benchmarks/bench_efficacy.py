@@ -27,6 +27,8 @@ extended (a larger ``--tune``) without redoing what is done.
     python benchmarks/bench_efficacy.py --seeds 2 3 4 --use alone:train.lr=2.09e-4 --use pkd:train.lr=3.09e-4 \\
         --use pkd:distill.weight=101.8                       # more seeds at the values an earlier --tune chose
     python benchmarks/bench_efficacy.py --calibrate          # each loss at init, and the weights equal to PKD's
+    python benchmarks/bench_efficacy.py --preset yolo --teacher T.pt --weight pkd=10 --weight mse=0.05 \\
+        --tune 4 --space distill.weight=around               # another teacher: each weight from its --calibrate value
     python benchmarks/bench_efficacy.py --tune 12 --jobs 2   # tune each method on seed 0, then seeds 0 1 2
     python benchmarks/bench_efficacy.py --tune 5 --sampler grid --grid-points 5 --space distill.weight=around
                                                              # the earlier weight sweep: preset x 1/4 ... 4
@@ -50,6 +52,7 @@ import json
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -179,6 +182,20 @@ def parse_use(items: list[str], methods: list[str], error) -> list[tuple[str, st
     return parsed
 
 
+def with_weights(settings, items: list[str], error):
+    """The preset with ``--weight LOSS=W`` items as its losses' weights; ``error(message)`` on a bad item."""
+    distill = {name: dict(section) for name, section in settings.distill.items()}
+    for item in items:
+        name, eq, text = item.partition("=")
+        value = yaml.safe_load(text) if eq else None
+        if name not in distill:
+            error(f"--weight {item!r}: {name!r} is not one of the preset's losses ({', '.join(distill)})")
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            error(f"--weight {item!r}: expected LOSS=W with W a positive number, e.g. mse=0.05")
+        distill[name]["weight"] = float(value)
+    return replace(settings, distill=distill)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="default", help=f"demo preset ({', '.join(PRESETS)})")
@@ -193,6 +210,14 @@ def main() -> None:
         metavar="METHOD:KEY=VALUE",
         help="train METHOD with this value instead of tuning it, e.g. the values an earlier --tune chose "
         "(pkd:distill.weight=101.8); not with --tune",
+    )
+    parser.add_argument(
+        "--weight",
+        action="append",
+        default=[],
+        metavar="LOSS=W",
+        help="start LOSS at weight W instead of the preset's (the centre of --space distill.weight=around; "
+        "e.g. --calibrate's weights for another --teacher)",
     )
     parser.add_argument(
         "--space", action="append", default=[], metavar="KEY=SPEC", help="pkd tune's --space (default: lr and weight)"
@@ -211,7 +236,7 @@ def main() -> None:
         parser.error("--use gives the values --tune would choose: use one or the other")
 
     started = time.time()
-    settings = get_preset(args.preset)
+    settings = with_weights(get_preset(args.preset), args.weight, parser.error)
     uses = parse_use(args.use, ["alone", *(args.losses or settings.distill)], parser.error)  # before any training
     digits = demo_dataset(settings, args.workdir)
     teacher = demo_teacher(settings, digits, args.workdir, teacher=args.teacher)
