@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import platform
 import statistics
 import time
@@ -186,13 +187,16 @@ def with_weights(settings, items: list[str], error):
     """The preset with ``--weight LOSS=W`` items as its losses' weights; ``error(message)`` on a bad item."""
     distill = {name: dict(section) for name, section in settings.distill.items()}
     for item in items:
-        name, eq, text = item.partition("=")
-        value = yaml.safe_load(text) if eq else None
+        name, _, text = item.partition("=")
         if name not in distill:
             error(f"--weight {item!r}: {name!r} is not one of the preset's losses ({', '.join(distill)})")
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        try:  # float(), not YAML: YAML reads 1e-2 as a string
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
             error(f"--weight {item!r}: expected LOSS=W with W a positive number, e.g. mse=0.05")
-        distill[name]["weight"] = float(value)
+        distill[name]["weight"] = value
     return replace(settings, distill=distill)
 
 

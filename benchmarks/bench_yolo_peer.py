@@ -26,7 +26,7 @@ interrupted one resumes from its ``last.pt`` (Ultralytics' ``resume=True``).
     python benchmarks/bench_yolo_peer.py --workdir demo --lr0 0.002 0.004 --set nbs=8 --set optimizer=AdamW \\
         --set warmup_epochs=1 --seeds 0 1 2
     # distilled from the preset's pkd-trained YOLO11s, written by `pkd export RUN --ultralytics T.pt`:
-    python benchmarks/bench_yolo_peer.py --workdir demo --lr0 0.002 --teacher T.pt --dis 1.5 6 24 --set nbs=8 \\
+    python benchmarks/bench_yolo_peer.py --workdir demo --lr0 0.004 --teacher T.pt --dis 1.5 6 24 --set nbs=8 \\
         --set optimizer=AdamW --set warmup_epochs=1 --jobs 2 --seeds 0 1 2
 """
 
